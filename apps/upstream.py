@@ -1,0 +1,175 @@
+"""Talking to backends: header rules (pure functions) and pooled keep-alive clients.
+
+The client is urllib3, used directly rather than through `requests`: a
+`requests.Session` is not thread-safe (one per thread would multiply the
+connections) and adds a layer of per-request work (hooks, cookie jar, header
+merging) that a proxy does not want. One thread-safe connection pool per
+backend, built once per worker, keeps connections alive across requests.
+`python -m bench clients` measures the difference on this machine.
+
+Each backend gets its own pool, so the request target can never pick the
+address: whatever the client sends as a path, the socket goes to a configured
+backend.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Mapping
+from urllib.parse import urlsplit
+
+import urllib3
+from urllib3.exceptions import (
+    HTTPError, NewConnectionError, ProtocolError, ReadTimeoutError, ConnectTimeoutError,
+)
+
+from scorer.pool import CONNECT, PROTOCOL, TIMEOUT
+from scorer.settings import Backend, Settings
+
+# RFC 9110 section 7.6.1, plus the non-standard ones proxies still meet.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer",
+    "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization",
+})
+# Set afresh by the balancer, so a client cannot forge them.
+REPLACED_REQUEST_HEADERS = frozenset({"host", "x-forwarded-proto", "x-forwarded-host"})
+# The balancer's own server sends these; forwarding the backend's would
+# duplicate them (as nginx's proxy_hide_header does by default).
+REPLACED_RESPONSE_HEADERS = frozenset({"date", "server"})
+# Bodies whose length is known and at most this big are read in one go;
+# larger or unknown ones are streamed to the client in chunks of this size.
+STREAM_CHUNK = 64 * 1024
+
+
+def hop_by_hop(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """Lower-case names not to forward: the fixed set plus those `Connection` lists."""
+    named = {token.strip().lower()
+             for name, value in headers if name.lower() == "connection"
+             for token in value.split(",") if token.strip()}
+    return HOP_BY_HOP | named
+
+
+def request_target(raw_uri: str) -> str:
+    """The origin-form target (path and query) to send upstream.
+
+    An absolute-form target (`GET http://other/x`) keeps only its path and
+    query: the balancer, not the client, chooses where a request goes.
+    """
+    if raw_uri.startswith("/"):
+        return raw_uri
+    parts = urlsplit(raw_uri)
+    target = parts.path or "/"
+    if not target.startswith("/"):
+        target = "/" + target
+    return f"{target}?{parts.query}" if parts.query else target
+
+
+def upstream_request_headers(headers: Iterable[tuple[str, str]], *, backend: Backend,
+                             client_addr: str, scheme: str,
+                             preserve_host: bool) -> dict[str, str]:
+    """The headers to send upstream: the client's minus hop-by-hop, plus X-Forwarded-*."""
+    headers = list(headers)
+    skip = hop_by_hop(headers) | REPLACED_REQUEST_HEADERS
+    out: dict[str, str] = {}
+    client_host = ""
+    for name, value in headers:
+        lower = name.lower()
+        if lower == "host":
+            client_host = value
+        if lower in skip:
+            continue
+        # A WSGI server has already joined repeated request headers with ", ".
+        out[name] = value
+    forwarded_for = out.pop("X-Forwarded-For", "")
+    out["X-Forwarded-For"] = f"{forwarded_for}, {client_addr}" if forwarded_for else client_addr
+    out["X-Forwarded-Proto"] = scheme
+    if client_host:
+        out["X-Forwarded-Host"] = client_host
+    default_port = 443 if backend.scheme == "https" else 80
+    own_host = backend.host if backend.port == default_port else backend.id
+    out["Host"] = client_host if preserve_host and client_host else own_host
+    return out
+
+
+def client_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The backend's response headers to pass on: all but hop-by-hop and Date/Server."""
+    headers = list(headers)
+    skip = hop_by_hop(headers) | REPLACED_RESPONSE_HEADERS
+    return [(name, value) for name, value in headers if name.lower() not in skip]
+
+
+class UpstreamError(Exception):
+    """An attempt that produced no HTTP answer; `kind` is CONNECT, TIMEOUT or PROTOCOL."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+def classify(exc: HTTPError) -> UpstreamError:
+    """Turn a urllib3 failure into an UpstreamError of the right kind."""
+    # NewConnectionError subclasses ConnectTimeoutError, so it is tested first.
+    if isinstance(exc, NewConnectionError):
+        return UpstreamError(CONNECT, "connection refused or unreachable")
+    if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)):
+        return UpstreamError(TIMEOUT, "timed out")
+    if isinstance(exc, ProtocolError):
+        return UpstreamError(PROTOCOL, f"connection broken: {exc.args[-1]!r}")
+    return UpstreamError(PROTOCOL, f"{type(exc).__name__}: {exc}")
+
+
+class Upstreams:
+    """One keep-alive connection pool per backend, shared by a worker's threads."""
+
+    def __init__(self, settings: Settings, maxsize: int) -> None:
+        timeout = urllib3.Timeout(connect=settings.connect_timeout, read=settings.read_timeout)
+        self._pools: Mapping[str, urllib3.HTTPConnectionPool] = {
+            b.id: urllib3.connection_from_url(
+                b.url, maxsize=maxsize, block=False, timeout=timeout, retries=False)
+            for b in settings.backends
+        }
+
+    def send(self, backend: Backend, method: str, target: str,
+             headers: Mapping[str, str], body: bytes | None) -> urllib3.BaseHTTPResponse:
+        """Send one request and return once the response head has arrived.
+
+        Raises UpstreamError when no HTTP answer came back. The body is left
+        unread and undecoded: the caller streams it on as it came.
+        """
+        try:
+            return self._pools[backend.id].urlopen(
+                method, target, body=body, headers=headers,
+                retries=False, redirect=False, assert_same_host=False,
+                preload_content=False, decode_content=False)
+        except HTTPError as exc:
+            raise classify(exc) from exc
+
+
+def read_or_stream(response: urllib3.BaseHTTPResponse) -> bytes | Iterator[bytes]:
+    """The response body: bytes when small and of known length, else a chunk iterator.
+
+    Raises UpstreamError when a small body breaks off before its end.
+    The connection goes back to the pool only once the body is fully read; a
+    body abandoned half-way (the client left) closes its connection instead,
+    so no later request can read its leftovers.
+    """
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) <= STREAM_CHUNK:
+        try:
+            body = response.read(decode_content=False)
+        except HTTPError as exc:
+            response.close()
+            raise classify(exc) from exc
+        finally:
+            response.release_conn()
+        return body
+    return _stream(response)
+
+
+def _stream(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    finished = False
+    try:
+        yield from response.stream(STREAM_CHUNK, decode_content=False)
+        finished = True
+    finally:
+        if not finished:
+            response.close()
+        response.release_conn()

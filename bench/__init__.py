@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench <command>` (see bench/__main__.py)."""

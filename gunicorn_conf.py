@@ -1,0 +1,97 @@
+"""Gunicorn settings for every server in the Procfile (the balancer and the echo instances).
+
+Gunicorn only auto-loads `gunicorn.conf.py`, so always pass `-c gunicorn_conf.py`.
+Each setting reads an environment variable with a default; the Procfile's echo
+lines override bind, workers and threads on the command line, which Gunicorn
+ranks above this file.
+"""
+import os
+import sys
+
+_env = os.environ.get
+
+# Address of the balancer's traffic listener. Always an explicit address:
+# with PORT set (honcho sets it) and no bind, Gunicorn would listen on 0.0.0.0.
+bind = [f"{_env('LB_HOST', '127.0.0.1')}:{_env('LB_PORT', '8000')}"]
+
+# Threaded workers: the proxy spends its time waiting on backends, and gthread
+# keeps client connections alive (sync workers close every connection).
+worker_class = "gthread"
+
+# Processes, each with its own GIL. On 2 cores, 2 workers use both cores
+# while the threads below cover the waiting. Range 1..4 x cores.
+workers = int(_env("GUNICORN_WORKERS", "2"))
+
+# Threads per worker: requests waiting on a backend at once, per process.
+# Also the size of each worker's keep-alive pool per backend.
+threads = int(_env("GUNICORN_THREADS", "16"))
+
+# Seconds an idle client connection is kept open. Behind a balancer, keep the
+# backend's keep-alive longer than the balancer's own to avoid reuse races.
+keepalive = int(_env("GUNICORN_KEEPALIVE", "5"))
+
+# Seconds a silent worker may live before the master restarts it. On gthread it
+# does not end a slow request (the proxy's own read timeout does).
+timeout = int(_env("GUNICORN_TIMEOUT", "30"))
+
+# Seconds in-flight requests get to finish on SIGTERM. Under honcho's
+# 5-second SIGKILL, so a Ctrl-C always shuts down cleanly.
+graceful_timeout = int(_env("GUNICORN_GRACEFUL_TIMEOUT", "4"))
+
+# Request line / header limits (Gunicorn's defaults, made explicit): past them
+# Gunicorn itself answers 414 / 431 / 400 before the app runs.
+limit_request_line = 4094
+limit_request_fields = 100
+limit_request_field_size = 8190
+
+# Trust no client's X-Forwarded-* to set the request scheme; set this to the
+# address of a TLS terminator in front of the balancer if there is one.
+forwarded_allow_ips = _env("FORWARDED_ALLOW_IPS", "")
+
+# Gunicorn 25+ opens a control socket at one fixed path per user; four servers
+# from one Procfile would fight over it.
+control_socket_disable = True
+
+accesslog = _env("GUNICORN_ACCESSLOG") or None
+loglevel = _env("GUNICORN_LOGLEVEL", "info")
+
+
+def _is_balancer(server):
+    return getattr(server.app, "app_uri", "").startswith("apps.proxy")
+
+
+def on_starting(server):
+    """Validate the balancer's settings once, before anything binds."""
+    if not _is_balancer(server):
+        return
+    from scorer.settings import SettingsError, load_settings
+    try:
+        load_settings()
+    except SettingsError as exc:
+        print(f"lb: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def when_ready(server):
+    """Start the balancer's admin listener in the master, beside the traffic workers."""
+    if not _is_balancer(server):
+        return
+    from apps.admin import start_admin_server
+    from scorer.settings import load_settings
+    settings = load_settings()
+    try:
+        server.admin_server = start_admin_server(settings, lambda: len(server.WORKERS))
+    except OSError as exc:
+        print(f"lb: cannot bind admin listener {settings.admin_host}:{settings.admin_port}: "
+              f"{exc.strerror}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    server.log.info("admin listener on http://%s:%s", settings.admin_host, settings.admin_port)
+
+
+def post_fork(server, worker):
+    # Workers must not hold the master's admin socket open.
+    admin = getattr(server, "admin_server", None)
+    if admin is not None:
+        admin.socket.close()
+    # Tell the app how many threads share its upstream pools (CLI may override `threads`).
+    os.environ["GUNICORN_WORKER_THREADS"] = str(worker.cfg.threads)

@@ -1,0 +1,225 @@
+"""Every setting of the balancer: name, default, unit and meaning, in one table.
+
+Settings are read from the environment once at start-up and validated; a bad
+value stops start-up with one line naming the setting (see `SettingsError`).
+Defaults live here, not in `.env`, because honcho lets `.env` override the
+shell and a user must always be able to override a default.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message is one line."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"invalid setting {name}: {reason}")
+        self.name = name
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One upstream server, named by its `host:port`."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+# --- parsers: each turns one raw string into a value or raises ValueError ---
+
+def parse_backends(raw: str) -> tuple[Backend, ...]:
+    backends = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        try:
+            parts = urlsplit(item)
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"{item!r} is not a valid URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{item!r} must be an http:// or https:// URL with a host")
+        if parts.username or parts.password or parts.query or parts.fragment:
+            raise ValueError(f"{item!r} must not carry credentials, a query or a fragment")
+        if parts.path not in ("", "/"):
+            raise ValueError(f"{item!r} must not have a path")
+        port = port or (443 if parts.scheme == "https" else 80)
+        backends.append(Backend(f"{parts.scheme}://{parts.netloc}", parts.scheme,
+                                parts.hostname, port))
+    if not backends:
+        raise ValueError("at least one backend URL is required")
+    ids = [b.id for b in backends]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"backend listed twice: {', '.join(duplicates)}")
+    return tuple(backends)
+
+
+def parse_seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a number of seconds") from None
+    if not 0 < value < 86400:
+        raise ValueError(f"{raw!r} must be more than 0 and less than a day")
+    return value
+
+
+def parse_port(raw: str) -> int:
+    if not raw.strip().isdigit() or not 0 < int(raw) < 65536:
+        raise ValueError(f"{raw!r} is not a TCP port (1-65535)")
+    return int(raw)
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)i?b?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(raw: str) -> int:
+    """Parse a byte count: `1048576`, `512k`, `10m`, `1g` (binary units)."""
+    match = _SIZE.match(raw)
+    if not match:
+        raise ValueError(f"{raw!r} is not a size in bytes (e.g. 1048576, 512k, 10m)")
+    return int(match[1]) * _SIZE_UNITS[match[2].lower()]
+
+
+def parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{raw!r} is not a boolean (1/0, true/false, yes/no, on/off)")
+
+
+def parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in choices:
+            raise ValueError(f"{raw!r} is not one of: {', '.join(choices)}")
+        return raw
+    return parse
+
+
+def parse_pool_name(raw: str) -> str:
+    # The name sits inside a Redis Cluster hash tag, so braces would break it.
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", raw):
+        raise ValueError(f"{raw!r} must be 1-64 letters, digits, '_', '.' or '-'")
+    return raw
+
+
+def parse_redis_url(raw: str) -> str:
+    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"{raw!r} must be a redis://, rediss:// or unix:// URL")
+    return raw
+
+
+STRATEGIES = ("round_robin",)
+
+DEFAULT_REDIS_PORT = "6390"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table."""
+
+    name: str
+    default: str
+    parse: Callable[[str], Any]
+    unit: str
+    meaning: str
+
+    @property
+    def field(self) -> str:
+        return self.name.removeprefix("LB_").lower()
+
+
+TABLE: tuple[Setting, ...] = (
+    Setting("LB_BACKENDS",
+            "http://127.0.0.1:9001,http://127.0.0.1:9002,http://127.0.0.1:9003",
+            parse_backends, "URLs",
+            "Comma-separated backend base URLs (scheme, host, port; no path). "
+            "The default is the Procfile's three echo instances."),
+    Setting("LB_STRATEGY", "round_robin", parse_choice(*STRATEGIES), "name",
+            "How a backend is picked: `round_robin` (one cursor shared through Redis)."),
+    Setting("LB_HOST", "127.0.0.1", str, "address", "Address the traffic listener binds."),
+    Setting("LB_PORT", "8000", parse_port, "port", "Port of the traffic listener."),
+    Setting("LB_ADMIN_HOST", "127.0.0.1", str, "address",
+            "Address the admin listener binds."),
+    Setting("LB_ADMIN_PORT", "8001", parse_port, "port",
+            "Port of the admin listener (`/status`, `/ready`)."),
+    Setting("LB_CONNECT_TIMEOUT", "1.0", parse_seconds, "s",
+            "Time allowed to open a connection to a backend; past it the client gets "
+            "504 (a refused connection gets 502)."),
+    Setting("LB_READ_TIMEOUT", "15", parse_seconds, "s",
+            "Time allowed between bytes from a backend once connected; past it the client gets 504."),
+    Setting("LB_MAX_BODY", "10m", parse_size, "bytes",
+            "Largest request body accepted (suffixes k, m, g); larger ones get 413."),
+    Setting("LB_PRESERVE_HOST", "0", parse_bool, "bool",
+            "Send the client's `Host` header upstream instead of the backend's own."),
+    Setting("LB_POOL", "default", parse_pool_name, "name",
+            "Name of the pool's state in Redis (keys `lb:{<pool>}:...`); balancers "
+            "with the same name and Redis share one cursor."),
+    Setting("LB_REDIS_PORT", DEFAULT_REDIS_PORT, parse_port, "port",
+            "Port of the bundled Redis server that `honcho start` runs when `REDIS_URL` is unset."),
+    Setting("REDIS_URL", "", parse_redis_url, "URL",
+            "Redis holding the shared state. Unset: the bundled server, "
+            "`redis://127.0.0.1:<LB_REDIS_PORT>/0`."),
+    Setting("LB_REDIS_TIMEOUT", "0.25", parse_seconds, "s",
+            "Connect and command timeout for Redis. Scripts are never retried "
+            "automatically: a retried script whose reply was lost would run twice."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated settings, one attribute per row of `TABLE`."""
+
+    backends: tuple[Backend, ...]
+    strategy: str
+    host: str
+    port: int
+    admin_host: str
+    admin_port: int
+    connect_timeout: float
+    read_timeout: float
+    max_body: int
+    preserve_host: bool
+    pool: str
+    redis_port: int
+    redis_url: str
+    redis_timeout: float
+
+    def backend(self, backend_id: str) -> Backend:
+        return next(b for b in self.backends if b.id == backend_id)
+
+
+def load_settings(environ: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Read every setting: defaults, then `environ` (os.environ), then `overrides`."""
+    source = dict(os.environ if environ is None else environ)
+    source.update({k: str(v) for k, v in (overrides or {}).items()})
+    values: dict[str, Any] = {}
+    for setting in TABLE:
+        raw = source.get(setting.name, setting.default)
+        if setting.name == "REDIS_URL" and not raw:
+            raw = redis_url_default(source.get("LB_REDIS_PORT", DEFAULT_REDIS_PORT))
+        try:
+            values[setting.field] = setting.parse(raw)
+        except ValueError as exc:
+            raise SettingsError(setting.name, str(exc)) from None
+    return Settings(**values)
+
+
+def redis_url_default(port: str) -> str:
+    return f"redis://127.0.0.1:{port}/0"

@@ -1,0 +1,264 @@
+"""End to end: real Redis, real echo instances and the balancer under multi-worker Gunicorn."""
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.support import free_port, gunicorn, spawn, start_balancer, start_echo
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def log_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="module")
+def echoes(log_dir):
+    started = [start_echo(i, log_dir) for i in range(3)]
+    yield [url for _, url in started]
+    for proc, _ in started:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def reflect(log_dir):
+    port = free_port()
+    proc = spawn("reflect", gunicorn("tests.reflect:create_app()", port, "-w", "1",
+                                     "--threads", "16"), {}, log_dir, [port])
+    yield f"http://127.0.0.1:{port}"
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def balancer(echoes, redis_server, log_dir):
+    proc, url, admin = start_balancer(echoes, redis_server, log_dir, workers=2, threads=8,
+                                      env={"LB_MAX_BODY": "64k"})
+    yield url, admin
+    assert "Traceback" not in proc.output()
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def via_reflect(reflect, redis_server, log_dir):
+    proc, url, _ = start_balancer([reflect], redis_server, log_dir, workers=2, threads=4,
+                                  name="proxy-reflect", env={"LB_READ_TIMEOUT": "1"})
+    yield url
+    proc.stop()
+
+
+def post_json(session: requests.Session, url: str, body: bytes, **kwargs) -> requests.Response:
+    return session.post(url, data=body, headers={"Content-Type": "application/json"},
+                        timeout=10, **kwargs)
+
+
+def test_readme_example_echoes_the_body_and_names_the_upstream(balancer):
+    url, _ = balancer
+    response = post_json(requests.Session(), f"{url}/any/path", b'{"a":1}')
+    assert response.status_code == 200
+    assert response.content == b'{"a":1}'
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.headers["X-Upstream"].startswith("127.0.0.1:")
+
+
+def test_300_concurrent_requests_echo_their_own_body_and_split_exactly(balancer, echoes):
+    url, admin = balancer
+    before = {b["id"]: b["requests"] for b in requests.get(f"{admin}/status").json()["backends"]}
+    local = threading.local()
+
+    def one(i: int) -> tuple[bytes, requests.Response]:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        body = json.dumps({"request": i, "pad": "x" * (i % 50)}).encode()
+        return body, post_json(local.session, f"{url}/r/{i}", body)
+
+    with ThreadPoolExecutor(60) as pool:
+        results = list(pool.map(one, range(300)))
+
+    assert all(r.status_code == 200 for _, r in results)
+    assert all(r.content == body for body, r in results)
+    shares = Counter(r.headers["X-Upstream"] for _, r in results)
+    assert shares == {e.removeprefix("http://"): 100 for e in echoes}
+    # The scorer's counters saw the same split.
+    after = {b["id"]: b["requests"] for b in requests.get(f"{admin}/status").json()["backends"]}
+    assert {k: after[k] - before.get(k, 0) for k in after} == dict(shares)
+
+
+@pytest.mark.parametrize("body, content_type, status", [
+    (b'{"a":1}', "text/plain", 415),
+    (b'{"a":', "application/json", 400),
+    (b"", "application/json", 400),
+])
+def test_bad_input_gets_the_backends_4xx_through_the_balancer(balancer, body, content_type, status):
+    url, _ = balancer
+    response = requests.post(f"{url}/x", data=body, headers={"Content-Type": content_type},
+                             timeout=10)
+    assert response.status_code == status
+    assert response.json()["status"] == status
+    assert "X-Upstream" in response.headers  # the backend answered, not the balancer
+
+
+def test_unknown_method_gets_the_backends_405(balancer):
+    url, _ = balancer
+    response = requests.request("FOO", f"{url}/x", timeout=10)
+    assert response.status_code == 405
+    assert response.json()["status"] == 405 and "X-Upstream" in response.headers
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_over_the_limit_gets_the_balancers_413(balancer, chunked):
+    url, _ = balancer
+    body = b'{"a":"' + b"x" * 70_000 + b'"}'
+    data = iter([body[:30_000], body[30_000:]]) if chunked else body
+    response = requests.post(f"{url}/x", data=data, timeout=10,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["source"] == "balancer"
+    assert "X-Upstream" not in response.headers
+
+
+def test_a_body_just_under_the_limit_passes_intact(balancer):
+    url, _ = balancer
+    body = json.dumps({"a": "x" * (64 * 1024 - 20)}).encode()
+    assert len(body) <= 64 * 1024
+    response = post_json(requests.Session(), f"{url}/x", body)
+    assert response.status_code == 200 and response.content == body
+
+
+def test_chunked_upload_arrives_whole(via_reflect):
+    body = b"0123456789" * 5000
+    response = requests.put(f"{via_reflect}/upload", data=iter([body[:7], body[7:]]), timeout=10)
+    seen = response.json()
+    assert seen["method"] == "PUT" and seen["body_length"] == len(body)
+    assert dict(seen["headers"])["Content-Length"] == str(len(body))
+    assert "Transfer-Encoding" not in dict(seen["headers"])
+
+
+def test_path_query_and_headers_are_forwarded(via_reflect, reflect):
+    response = requests.get(f"{via_reflect}/a//b/%2F/c?x=1&y=%20z",
+                            headers={"X-Custom": "v", "X-Forwarded-For": "198.51.100.1",
+                                     "Connection": "keep-alive, X-Drop", "X-Drop": "1"},
+                            timeout=10)
+    seen = response.json()
+    headers = dict(seen["headers"])
+    assert seen["target"] == "/a//b/%2F/c?x=1&y=%20z"
+    assert headers["X-Custom"] == "v"
+    assert "X-Drop" not in headers
+    assert headers["X-Forwarded-For"] == "198.51.100.1, 127.0.0.1"
+    assert headers["X-Forwarded-Proto"] == "http"
+    assert headers["X-Forwarded-Host"] == via_reflect.removeprefix("http://")
+    assert headers["Host"] == reflect.removeprefix("http://")
+    assert response.headers["X-Upstream"] == reflect.removeprefix("http://")
+
+
+def test_absolute_form_target_cannot_choose_the_address(via_reflect, reflect):
+    port = int(via_reflect.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET http://169.254.169.254/latest?k=v HTTP/1.1\r\n"
+                     b"Host: 169.254.169.254\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert f"X-Upstream: {reflect.removeprefix('http://')}".encode() in head
+    assert json.loads(body)["target"] == "/latest?k=v"
+
+
+def test_response_status_headers_and_encoded_bodies_pass_through(via_reflect):
+    assert requests.get(f"{via_reflect}/status/418", timeout=10).status_code == 418
+    cookies = requests.get(f"{via_reflect}/cookies", timeout=10)
+    assert cookies.raw.headers.getlist("Set-Cookie") == ["a=1", "b=2"]
+    raw = requests.get(f"{via_reflect}/gzip", timeout=10, stream=True).raw
+    assert raw.headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(raw.read(decode_content=False)) == b'{"compressed": true}'
+
+
+def test_large_bodies_stream_through_intact(via_reflect):
+    size = 3_000_000
+    response = requests.get(f"{via_reflect}/big/{size}", timeout=30)
+    assert len(response.content) == size
+    assert response.content[:5] == bytes(range(5)) and response.content[-1] == (size - 1) % 251
+
+
+def test_head_keeps_the_backends_length(via_reflect):
+    head = requests.head(f"{via_reflect}/status/200", timeout=10)
+    get = requests.get(f"{via_reflect}/status/200", timeout=10)
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["Content-Length"]) == len(get.content) > 0
+
+
+def test_a_slow_backend_gets_504_and_a_dead_one_502(via_reflect, redis_server, log_dir):
+    slow = requests.get(f"{via_reflect}/sleep/3.0", timeout=10)
+    assert slow.status_code == 504
+    assert slow.json()["source"] == "balancer" and slow.json()["kind"] == "timeout"
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    proc, url, _ = start_balancer([closed], redis_server, log_dir, workers=1, name="proxy-dead")
+    try:
+        dead = requests.post(f"{url}/x", json={"a": 1}, timeout=10)
+        assert dead.status_code == 502
+        assert dead.json()["kind"] == "connect"
+        assert dead.headers["X-Upstream"] == closed.removeprefix("http://")
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.output()
+
+
+def test_websocket_upgrade_gets_501(balancer):
+    url, _ = balancer
+    response = requests.get(f"{url}/ws", timeout=10,
+                            headers={"Connection": "Upgrade", "Upgrade": "websocket"})
+    assert response.status_code == 501
+    assert response.json()["source"] == "balancer"
+
+
+def test_admin_status_and_ready(balancer, echoes):
+    _, admin = balancer
+    status = requests.get(f"{admin}/status", timeout=5).json()
+    assert status["strategy"] == "round_robin"
+    assert status["redis"]["reachable"] is True
+    assert status["workers"] == 2
+    assert [b["url"] for b in status["backends"]] == echoes
+    ready = requests.get(f"{admin}/ready", timeout=5)
+    assert ready.status_code == 200 and ready.json() == {"ready": True, "reasons": []}
+    assert requests.get(f"{admin}/nope", timeout=5).status_code == 404
+
+
+def test_admin_answers_while_every_traffic_thread_is_busy(reflect, redis_server, log_dir):
+    proc, url, admin = start_balancer([reflect], redis_server, log_dir, workers=1, threads=2,
+                                      name="proxy-saturated", env={"LB_READ_TIMEOUT": "30"})
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            slow = [pool.submit(requests.get, f"{url}/sleep/2.0", timeout=30) for _ in range(6)]
+            # Wait until the backend holds requests, so the traffic threads are taken.
+            probe = requests.Session()
+            status = probe.get(f"{admin}/status", timeout=3)
+            assert status.status_code == 200
+            assert not all(f.done() for f in slow)
+            assert probe.get(f"{admin}/ready", timeout=3).status_code == 200
+            assert all(f.result().status_code == 200 for f in slow)
+    finally:
+        proc.stop()
+
+
+def test_redis_down_gives_503_json_and_not_ready(echoes, log_dir):
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    proc, url, admin = start_balancer(echoes, unreachable, log_dir, workers=1,
+                                      name="proxy-noredis")
+    try:
+        response = requests.post(f"{url}/x", json={"a": 1}, timeout=10)
+        assert response.status_code == 503 and response.json()["source"] == "balancer"
+        assert requests.get(f"{admin}/status", timeout=5).json()["redis"]["reachable"] is False
+        ready = requests.get(f"{admin}/ready", timeout=5)
+        assert ready.status_code == 503 and ready.json()["reasons"] == ["Redis is unreachable"]
+    finally:
+        proc.stop()

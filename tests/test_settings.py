@@ -1,0 +1,99 @@
+"""Settings: parsing, defaults, and one-line errors that name the bad setting."""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from scorer.settings import TABLE, SettingsError, load_settings, parse_size
+from tests.support import BIN, ROOT, free_port
+
+
+def test_defaults_are_valid_and_point_at_the_procfile_echo_instances():
+    settings = load_settings(environ={})
+    assert [b.id for b in settings.backends] == [
+        "127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
+    assert settings.strategy == "round_robin"
+    assert (settings.port, settings.admin_port) == (8000, 8001)
+    assert settings.redis_url == "redis://127.0.0.1:6390/0"
+
+
+def test_environment_then_overrides_take_precedence():
+    settings = load_settings(environ={"LB_PORT": "9000", "LB_READ_TIMEOUT": "2.5"},
+                             overrides={"LB_PORT": 9500})
+    assert settings.port == 9500
+    assert settings.read_timeout == 2.5
+
+
+def test_bundled_redis_port_moves_the_default_url_but_not_an_explicit_one():
+    assert load_settings(environ={"LB_REDIS_PORT": "7000"}).redis_url == "redis://127.0.0.1:7000/0"
+    explicit = load_settings(environ={"LB_REDIS_PORT": "7000", "REDIS_URL": "redis://db:6379/2"})
+    assert explicit.redis_url == "redis://db:6379/2"
+
+
+def test_backends_are_parsed_with_default_ports():
+    settings = load_settings(environ={"LB_BACKENDS": " http://a:81 ,https://b, http://c/ "})
+    assert [(b.scheme, b.host, b.port) for b in settings.backends] == [
+        ("http", "a", 81), ("https", "b", 443), ("http", "c", 80)]
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("1048576", 1048576), ("512k", 512 * 1024), ("10m", 10 * 1024**2),
+    ("1G", 1024**3), ("2MiB", 2 * 1024**2),
+])
+def test_sizes(raw, expected):
+    assert parse_size(raw) == expected
+
+
+@pytest.mark.parametrize("name, value", [
+    ("LB_BACKENDS", "htp://127.0.0.1:9001"),
+    ("LB_BACKENDS", "http://127.0.0.1:99999"),
+    ("LB_BACKENDS", "127.0.0.1:9001"),
+    ("LB_BACKENDS", "http://127.0.0.1:9001/api"),
+    ("LB_BACKENDS", "http://a:1,http://a:1"),
+    ("LB_BACKENDS", " , "),
+    ("LB_STRATEGY", "random"),
+    ("LB_CONNECT_TIMEOUT", "fast"),
+    ("LB_READ_TIMEOUT", "-1"),
+    ("LB_PORT", "http"),
+    ("LB_MAX_BODY", "lots"),
+    ("LB_PRESERVE_HOST", "maybe"),
+    ("LB_POOL", "a{b}"),
+    ("REDIS_URL", "http://localhost:6379"),
+])
+def test_a_bad_value_names_its_setting_in_one_line(name, value):
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ={name: value})
+    message = str(caught.value)
+    assert caught.value.name == name
+    assert message.startswith(f"invalid setting {name}: ")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("name, value", [
+    ("LB_BACKENDS", "htp://x"), ("LB_STRATEGY", "fastest"), ("LB_READ_TIMEOUT", "soon"),
+])
+def test_gunicorn_refuses_to_start_with_a_one_line_error(name, value):
+    env = {"PATH": str(BIN), name: value, "LB_PORT": str(free_port()),
+           "LB_ADMIN_PORT": str(free_port())}
+    done = subprocess.run([str(BIN / "gunicorn"), "-c", "gunicorn_conf.py",
+                           "apps.proxy:create_app()"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("lb: ")]
+    assert errors == [f"lb: {load_error(name, value)}"]
+    assert "Traceback" not in done.stderr
+
+
+def load_error(name: str, value: str) -> str:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ={name: value})
+    return str(caught.value)
+
+
+def test_every_setting_is_documented_in_the_readme_table():
+    readme = (ROOT / "README.md").read_text()
+    for setting in TABLE:
+        assert re.search(rf"^\| `{setting.name}` \|", readme, re.MULTILINE), setting.name

@@ -1,0 +1,65 @@
+"""Header and target rules of the proxy (pure functions)."""
+from __future__ import annotations
+
+import pytest
+
+from apps.upstream import (
+    client_response_headers, hop_by_hop, request_target, upstream_request_headers,
+)
+from scorer.settings import load_settings
+
+BACKEND = load_settings(environ={"LB_BACKENDS": "http://10.0.0.5:9001"}).backends[0]
+
+
+def forward(headers, preserve_host=False, backend=BACKEND):
+    return upstream_request_headers(headers, backend=backend, client_addr="192.0.2.7",
+                                    scheme="http", preserve_host=preserve_host)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("/a/b?x=1&y=%2F", "/a/b?x=1&y=%2F"),
+    ("/a//b/../c", "/a//b/../c"),
+    ("//evil.example/x", "//evil.example/x"),  # a path, sent to the picked backend anyway
+    ("http://evil.example:6379/x?q=1", "/x?q=1"),
+    ("https://evil.example", "/"),
+])
+def test_request_target_keeps_only_path_and_query(raw, expected):
+    assert request_target(raw) == expected
+
+
+def test_hop_by_hop_headers_and_those_named_by_connection_are_dropped():
+    out = forward([("Host", "lb.example"), ("Connection", "keep-alive, X-Secret"),
+                   ("Keep-Alive", "timeout=5"), ("X-Secret", "1"), ("TE", "trailers"),
+                   ("Transfer-Encoding", "chunked"), ("Upgrade", "h2c"),
+                   ("Proxy-Authorization", "Basic x"), ("Proxy-Connection", "keep-alive"),
+                   ("Trailer", "X"), ("Accept", "*/*"), ("Content-Type", "application/json")])
+    assert set(out) == {"Accept", "Content-Type", "Host", "X-Forwarded-For",
+                        "X-Forwarded-Proto", "X-Forwarded-Host"}
+
+
+def test_forwarded_headers_are_appended_or_replaced():
+    out = forward([("Host", "lb.example:8000"), ("X-Forwarded-For", "198.51.100.1"),
+                   ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "forged")])
+    assert out["X-Forwarded-For"] == "198.51.100.1, 192.0.2.7"
+    assert out["X-Forwarded-Proto"] == "http"
+    assert out["X-Forwarded-Host"] == "lb.example:8000"
+    assert out["Host"] == "10.0.0.5:9001"
+
+
+def test_host_is_the_backends_unless_preserved():
+    assert forward([("Host", "lb.example")], preserve_host=True)["Host"] == "lb.example"
+    https = load_settings(environ={"LB_BACKENDS": "https://api.example"}).backends[0]
+    assert forward([("Host", "lb.example")], backend=https)["Host"] == "api.example"
+
+
+def test_response_headers_drop_hop_by_hop_and_keep_repeats():
+    out = client_response_headers([
+        ("Content-Type", "application/json"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"),
+        ("Connection", "close, X-Internal"), ("X-Internal", "1"), ("Transfer-Encoding", "chunked"),
+        ("Date", "yesterday"), ("Server", "echo"), ("Content-Encoding", "gzip")])
+    assert out == [("Content-Type", "application/json"), ("Set-Cookie", "a=1"),
+                   ("Set-Cookie", "b=2"), ("Content-Encoding", "gzip")]
+
+
+def test_connection_tokens_are_case_insensitive():
+    assert "x-a" in hop_by_hop([("connection", "X-A")])
