@@ -99,6 +99,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     def failure(backend: Backend, err: UpstreamError) -> Response:
         status = 504 if err.kind == TIMEOUT else 502
+        log.warning("%s %s -> %s: %s, answered %d", request.method, request.path,
+                    backend.id, err, status)
         response = json_error(status, f"upstream {backend.id}: {err}", source=SOURCE,
                               upstream=backend.id, kind=err.kind)
         response.headers["X-Upstream"] = backend.id
