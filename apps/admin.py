@@ -5,7 +5,9 @@ gunicorn_conf.py), not in the workers, so it answers even when every worker
 thread is busy with traffic. It reads the shared state from Redis, like any
 worker would.
 
-    GET /status   backends, strategy, Redis reachability, workers, per-backend counters
+    GET /status   strategy, Redis reachability, workers, the pool's latency average and
+                  panic picks, and per backend: blocked or not, score, smoothed latency,
+                  error rate, blocked turns, block end, why it was last blocked, counters
     GET /ready    200 when workers are up and Redis answers, else 503 with the reasons
 """
 from __future__ import annotations
@@ -46,17 +48,16 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     @app.get("/status")
     def status() -> Response:
         try:
-            states = pool.backend_states()
-            reachable = True
+            shared, reachable = pool.status(), True
         except redis.RedisError:
-            states, reachable = {}, False
+            shared = {"backends": [{"id": b.id, "url": b.url} for b in settings.backends]}
+            reachable = False
         return jsonify(
             strategy=settings.strategy,
             pool=settings.pool,
             redis={"url": redacted(settings.redis_url), "reachable": reachable},
             workers=workers_alive() if workers_alive else None,
-            backends=[{"id": b.id, "url": b.url, **_counters(states.get(b.id, {}))}
-                      for b in settings.backends],
+            **shared,
         )
 
     @app.get("/ready")
@@ -69,21 +70,6 @@ def create_app(config: Mapping[str, Any] | None = None, *,
         return jsonify(ready=not reasons, reasons=reasons), 503 if reasons else 200
 
     return app
-
-
-def _counters(state: Mapping[str, str]) -> dict[str, Any]:
-    """A backend's stored counters as JSON-friendly numbers."""
-    outcomes = {key.removeprefix("outcome:"): int(value)
-                for key, value in state.items() if key.startswith("outcome:")}
-    latency = state.get("last_latency_ms")
-    return {
-        "requests": int(state.get("requests", 0)),
-        "outcomes": outcomes,
-        "last_status": int(state["last_status"]) if state.get("last_status") else None,
-        "last_outcome": state.get("last_outcome"),
-        "last_latency_ms": float(latency) if latency else None,
-        "last_seen": float(state["last_seen"]) if state.get("last_seen") else None,
-    }
 
 
 class _QuietHandler(WSGIRequestHandler):

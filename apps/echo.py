@@ -8,6 +8,9 @@ Settings (environment, or the `config` mapping in tests):
                     profile of errors and latency (apps/simulate.py)
     ECHO_INSTANCE   this instance's index (0, 1, 2...), part of its profile
     ECHO_MAX_BODY   largest accepted body in bytes (default 10 MiB); larger gets 413
+    ECHO_ERROR_RATE, ECHO_MEAN_LATENCY_MS
+                    override the seeded profile's error probability / mean latency,
+                    to give one instance a known fault
 """
 from __future__ import annotations
 
@@ -28,26 +31,30 @@ ECHO_METHODS = ["POST", "PUT", "PATCH"]
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 
 
-def _int_setting(source: Mapping[str, Any], name: str, default: int) -> int:
+def _setting(source: Mapping[str, Any], name: str, default: Any, kind: type = int) -> Any:
     raw = source.get(name, default)
     try:
-        return int(raw)
+        return kind(raw)
     except (TypeError, ValueError):
-        sys.exit(f"echo: invalid setting {name}: {raw!r} is not an integer")
+        sys.exit(f"echo: invalid setting {name}: {raw!r} is not {kind.__name__}")
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build one echo instance. `config` overrides the environment; it may also
     hold `sleep`, the function used for simulated latency (tests pass a fake)."""
     source = {**os.environ, **(config or {})}
-    seed = _int_setting(source, "SEED", 0)
-    instance = _int_setting(source, "ECHO_INSTANCE", 0)
+    seed = _setting(source, "SEED", 0)
+    instance = _setting(source, "ECHO_INSTANCE", 0)
     sleep: Callable[[float], None] = source.get("sleep", time.sleep)
 
     app = Flask(__name__, static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = _int_setting(source, "ECHO_MAX_BODY", DEFAULT_MAX_BODY)
+    app.config["MAX_CONTENT_LENGTH"] = _setting(source, "ECHO_MAX_BODY", DEFAULT_MAX_BODY)
     register_json_errors(app)
     profile = simulate.profile_for(seed, instance)
+    profile = dataclasses.replace(
+        profile,
+        error_rate=_setting(source, "ECHO_ERROR_RATE", profile.error_rate, float),
+        mean_latency_ms=_setting(source, "ECHO_MEAN_LATENCY_MS", profile.mean_latency_ms, float))
     name = f"echo-{instance}"
     # The key of a request without X-Request-ID; next() on a count is atomic under the GIL.
     counter = itertools.count()

@@ -92,7 +92,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     def report(outcome: Outcome) -> None:
         try:
-            pool.report(outcome)
+            score, turns = pool.report(outcome)
+            if turns:
+                log.warning("blocked %s for %d turns at score %.1f (why: GET /status)",
+                            outcome.backend.id, turns, score)
         except redis.RedisError as exc:
             # The client's answer matters more than the bookkeeping.
             log.warning("could not report to Redis: %s", exc)

@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import redis
 
@@ -44,10 +44,10 @@ def load_lua(name: str) -> str:
     return resources.files("scorer").joinpath("lua", f"{name}.lua").read_text()
 
 
-def cursor_key(pool: str) -> str:
+def pool_key(pool: str) -> str:
     # Every key of a pool shares the hash tag {pool}, so one script can touch
     # them all on Redis Cluster.
-    return f"lb:{{{pool}}}:cursor"
+    return f"lb:{{{pool}}}:pool"
 
 
 def backend_key(pool: str, backend_id: str) -> str:
@@ -69,6 +69,16 @@ def connect(settings: Settings) -> redis.Redis:
     )
 
 
+# The settings report.lua reads, in its ARGV order (ARGV[7] onwards).
+REPORT_PARAMS = (
+    "score_min", "score_max", "score_threshold", "score_half_life_s", "avg_tau_s",
+    "latency_tau_s", "latency_min_samples", "latency_ratio", "latency_slack_ms",
+    "slow_points", "slow_max_points", "fast_bonus", "error_points", "error_latency_factor",
+    "error_tau_s", "error_quiet", "success_bonus", "block_turns", "block_turns_per_point",
+    "block_min_s", "block_max_s", "reoffend_s", "max_blocked_share", "min_unblocked",
+)
+
+
 class Pool:
     """One balancer's view of the shared pool of backends."""
 
@@ -82,8 +92,12 @@ class Pool:
         self._lock = threading.Lock()
         self._client: redis.Redis | None = None
         self._client_pid = 0
-        self._cursor_key = cursor_key(settings.pool)
-        self._backend_keys = {b.id: backend_key(settings.pool, b.id) for b in self.backends}
+        self._index = {b.id: i for i, b in enumerate(self.backends)}
+        # Both scripts take the same keys: the pool's hash, then every backend's.
+        self._keys = [pool_key(settings.pool),
+                      *(backend_key(settings.pool, b.id) for b in self.backends)]
+        self._scored = "1" if settings.strategy == "scored" else "0"
+        self._params = [repr(getattr(settings, name)) for name in REPORT_PARAMS]
 
     @property
     def redis(self) -> redis.Redis:
@@ -102,19 +116,23 @@ class Pool:
         return self._client
 
     def pick(self) -> Backend:
-        """Advance the shared cursor and return the backend it lands on."""
+        """Advance the shared cursor past blocked backends and return the one it lands on."""
         client = self.redis
-        index = self._pick(keys=[self._cursor_key], args=[len(self.backends)], client=client)
+        index, _panic = self._pick(keys=self._keys, args=[repr(self.clock()), self._scored],
+                                   client=client)
         return self.backends[int(index)]
 
-    def report(self, outcome: Outcome) -> None:
-        """Record one attempt's outcome on its backend."""
+    def report(self, outcome: Outcome) -> tuple[float, int]:
+        """Score one attempt's outcome; return the new score and the turns of a
+        block it started (0 for none)."""
         client = self.redis
-        self._report(
-            keys=[self._backend_keys[outcome.backend.id]],
-            args=[repr(self.clock()), f"{outcome.latency_s * 1000:.3f}", outcome.kind,
-                  outcome.status or 0],
+        score, turns = self._report(
+            keys=self._keys,
+            args=[repr(self.clock()), self._index[outcome.backend.id],
+                  f"{outcome.latency_s * 1000:.3f}", outcome.kind, outcome.status or 0,
+                  self._scored, *self._params],
             client=client)
+        return float(score), int(turns)
 
     def ping(self) -> bool:
         """Whether Redis answers now."""
@@ -123,11 +141,55 @@ class Pool:
         except redis.RedisError:
             return False
 
-    def backend_states(self) -> dict[str, dict[str, str]]:
-        """Each backend's recorded counters, as stored in Redis."""
+    def raw_state(self) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+        """The pool's hash and each backend's hash, as stored in Redis."""
         pipe = self.redis.pipeline(transaction=False)
-        for backend in self.backends:
-            pipe.hgetall(self._backend_keys[backend.id])
-        replies = pipe.execute()
-        return {backend.id: {k.decode(): v.decode() for k, v in reply.items()}
-                for backend, reply in zip(self.backends, replies)}
+        for key in self._keys:
+            pipe.hgetall(key)
+        pool, *backends = [{k.decode(): v.decode() for k, v in reply.items()}
+                           for reply in pipe.execute()]
+        return pool, {b.id: state for b, state in zip(self.backends, backends)}
+
+    def status(self) -> dict[str, Any]:
+        """The pool as the admin listener shows it (values as of each last report)."""
+        pool, backends = self.raw_state()
+        now = self.clock()
+        return {
+            "latency_avg_ms": _ratio(pool, "avg_sum", "avg_weight"),
+            "panic_picks": int(pool.get("panic_picks", 0)),
+            "blocks_deferred": int(pool.get("blocks_deferred", 0)),
+            "backends": [{"id": b.id, "url": b.url, **describe_backend(backends[b.id], now)}
+                         for b in self.backends],
+        }
+
+
+def _number(state: Mapping[str, str], field: str) -> float:
+    return float(state.get(field) or 0)
+
+
+def _ratio(state: Mapping[str, str], total: str, weight: str) -> float | None:
+    return _number(state, total) / _number(state, weight) if _number(state, weight) else None
+
+
+def describe_backend(state: Mapping[str, str], now: float) -> dict[str, Any]:
+    """One backend's stored state in readable form."""
+    turns, block_until = int(_number(state, "blocked_turns")), _number(state, "block_until")
+    return {
+        "blocked": turns > 0 or now < block_until,
+        "score": round(_number(state, "score"), 3),
+        "latency_ms": _ratio(state, "lat_sum", "lat_weight"),
+        "error_rate": _ratio(state, "err_sum", "err_weight"),
+        "blocked_turns": turns,
+        "block_until": block_until or None,
+        "block_level": int(_number(state, "block_level")),
+        "blocks": int(_number(state, "blocks")),
+        "last_block_at": _number(state, "last_block_at") or None,
+        "block_reason": state.get("block_reason"),
+        "requests": int(_number(state, "requests")),
+        "outcomes": {key.removeprefix("outcome:"): int(value)
+                     for key, value in state.items() if key.startswith("outcome:")},
+        "last_status": int(_number(state, "last_status")) or None,
+        "last_outcome": state.get("last_outcome"),
+        "last_latency_ms": _number(state, "last_latency_ms") if "last_latency_ms" in state else None,
+        "last_seen": _number(state, "last_seen") or None,
+    }

@@ -7,6 +7,7 @@ shell and a user must always be able to override a default.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -76,6 +77,24 @@ def parse_seconds(raw: str) -> float:
     return value
 
 
+def number(low: float, high: float = math.inf, *, integer: bool = False,
+           low_open: bool = False) -> Callable[[str], float]:
+    """A parser for a number in [low, high] (or (low, high] when `low_open`)."""
+    kind = "an integer" if integer else "a number"
+    bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]" if high < math.inf else \
+        f"{'more than' if low_open else 'at least'} {low:g}"
+
+    def parse(raw: str) -> float:
+        try:
+            value = int(raw) if integer else float(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not {kind}") from None
+        if not (math.isfinite(value) and low <= value <= high) or (low_open and value == low):
+            raise ValueError(f"{raw!r} must be {bounds}")
+        return value
+    return parse
+
+
 def parse_port(raw: str) -> int:
     if not raw.strip().isdigit() or not 0 < int(raw) < 65536:
         raise ValueError(f"{raw!r} is not a TCP port (1-65535)")
@@ -124,7 +143,7 @@ def parse_redis_url(raw: str) -> str:
     return raw
 
 
-STRATEGIES = ("round_robin",)
+STRATEGIES = ("scored", "round_robin")
 
 DEFAULT_REDIS_PORT = "6390"
 
@@ -150,8 +169,9 @@ TABLE: tuple[Setting, ...] = (
             parse_backends, "URLs",
             "Comma-separated backend base URLs (scheme, host, port; no path). "
             "The default is the Procfile's three echo instances."),
-    Setting("LB_STRATEGY", "round_robin", parse_choice(*STRATEGIES), "name",
-            "How a backend is picked: `round_robin` (one cursor shared through Redis)."),
+    Setting("LB_STRATEGY", "scored", parse_choice(*STRATEGIES), "name",
+            "`scored`: round robin that skips blocked backends (the scorer below). "
+            "`round_robin`: plain round robin, the baseline; scores are still kept and shown."),
     Setting("LB_HOST", "127.0.0.1", str, "address", "Address the traffic listener binds."),
     Setting("LB_PORT", "8000", parse_port, "port", "Port of the traffic listener."),
     Setting("LB_ADMIN_HOST", "127.0.0.1", str, "address",
@@ -178,6 +198,62 @@ TABLE: tuple[Setting, ...] = (
     Setting("LB_REDIS_TIMEOUT", "0.25", parse_seconds, "s",
             "Connect and command timeout for Redis. Scripts are never retried "
             "automatically: a retried script whose reply was lost would run twice."),
+
+    # The scorer (scorer/lua/report.lua and pick.lua). Lower scores are healthier.
+    Setting("LB_SCORE_MIN", "-10", number(-1000, 0), "points",
+            "Lowest score: the most credit a healthy backend can bank against future penalties."),
+    Setting("LB_SCORE_MAX", "60", number(1, 10000), "points", "Highest score."),
+    Setting("LB_SCORE_THRESHOLD", "20", number(0, 10000, low_open=True), "points",
+            "A score reaching this blocks the backend (score back to 0)."),
+    Setting("LB_SCORE_HALF_LIFE_S", "30", number(0, low_open=True), "s",
+            "Every score halves toward 0 in this time, with or without traffic."),
+    Setting("LB_AVG_TAU_S", "30", number(0, low_open=True), "s",
+            "Time constant of the pool's latency average: the mean over successful "
+            "requests, each weighted e^(-age/tau), so it follows time, not request count."),
+    Setting("LB_LATENCY_TAU_S", "5", number(0, low_open=True), "s",
+            "Time constant of each backend's smoothed latency (same kind of mean)."),
+    Setting("LB_LATENCY_MIN_SAMPLES", "5", number(0), "requests",
+            "A backend's latency is judged only once its smoothed latency rests on this "
+            "much (time-decayed) weight of requests."),
+    Setting("LB_LATENCY_RATIO", "1.5", number(1), "x",
+            "A backend is slower when its smoothed latency, and the request at hand, "
+            "exceed this many times the pool average..."),
+    Setting("LB_LATENCY_SLACK_MS", "20", number(0), "ms",
+            "...and above it by more than this, so noise in a fast pool never counts."),
+    Setting("LB_SLOW_POINTS", "5", number(0), "points",
+            "Cost per request of being slower: points per 100 % above the pool average."),
+    Setting("LB_SLOW_MAX_POINTS", "5", number(0), "points",
+            "Cap on the latency cost of one request."),
+    Setting("LB_FAST_BONUS", "0.5", number(0), "points",
+            "Earned per request while the smoothed latency is below the pool average."),
+    Setting("LB_ERROR_POINTS", "8", number(0), "points",
+            "Cost of a failed request: a 5xx, a timeout or a transport error."),
+    Setting("LB_ERROR_LATENCY_FACTOR", "4", number(1), "x",
+            "A failure enters the backend's latency as at least this many times "
+            "max(pool average, slack): a fast error never looks fast."),
+    Setting("LB_ERROR_TAU_S", "10", number(0, low_open=True), "s",
+            "Time constant of each backend's recent error rate."),
+    Setting("LB_ERROR_QUIET", "0.02", number(0, 1), "fraction",
+            "A success earns the bonus only while the recent error rate is below this."),
+    Setting("LB_SUCCESS_BONUS", "1", number(0), "points",
+            "Earned per successful request with no recent errors."),
+    Setting("LB_BLOCK_TURNS", "10", number(0, integer=True), "turns",
+            "Round-robin turns a block lasts when the score just reaches the threshold."),
+    Setting("LB_BLOCK_TURNS_PER_POINT", "1", number(0), "turns",
+            "Extra turns per point of score above the threshold."),
+    Setting("LB_BLOCK_MIN_S", "2", number(0), "s",
+            "Shortest time a first block lasts, whatever the traffic: a block ends when "
+            "its turns are used up and this time has passed."),
+    Setting("LB_BLOCK_MAX_S", "60", number(0), "s",
+            "Longest block after escalation; turns escalate by the same capped factor."),
+    Setting("LB_REOFFEND_S", "30", number(0), "s",
+            "Blocked again within this time after the last block's minimum end: "
+            "the new block is twice as long (turns and time), up to LB_BLOCK_MAX_S."),
+    Setting("LB_MAX_BLOCKED_SHARE", "1", number(0, 1), "fraction",
+            "At most this share of the pool is blocked at once..."),
+    Setting("LB_MIN_UNBLOCKED", "1", number(0, integer=True), "backends",
+            "...and at least this many backends stay unblocked (default: all but one may "
+            "be blocked). With 0, all may be: then picks go to the lowest score (panic mode)."),
 )
 
 
@@ -199,6 +275,30 @@ class Settings:
     redis_port: int
     redis_url: str
     redis_timeout: float
+    score_min: float
+    score_max: float
+    score_threshold: float
+    score_half_life_s: float
+    avg_tau_s: float
+    latency_tau_s: float
+    latency_min_samples: float
+    latency_ratio: float
+    latency_slack_ms: float
+    slow_points: float
+    slow_max_points: float
+    fast_bonus: float
+    error_points: float
+    error_latency_factor: float
+    error_tau_s: float
+    error_quiet: float
+    success_bonus: float
+    block_turns: int
+    block_turns_per_point: float
+    block_min_s: float
+    block_max_s: float
+    reoffend_s: float
+    max_blocked_share: float
+    min_unblocked: int
 
     def backend(self, backend_id: str) -> Backend:
         return next(b for b in self.backends if b.id == backend_id)
@@ -218,6 +318,12 @@ def load_settings(environ: Mapping[str, str] | None = None,
             values[setting.field] = setting.parse(raw)
         except ValueError as exc:
             raise SettingsError(setting.name, str(exc)) from None
+    if values["score_min"] >= values["score_threshold"] or \
+            values["score_threshold"] > values["score_max"]:
+        raise SettingsError("LB_SCORE_THRESHOLD", "must lie above LB_SCORE_MIN and at most "
+                                                  "LB_SCORE_MAX")
+    if values["block_min_s"] > values["block_max_s"]:
+        raise SettingsError("LB_BLOCK_MAX_S", "must be at least LB_BLOCK_MIN_S")
     return Settings(**values)
 
 

@@ -102,12 +102,13 @@ def gunicorn(app: str, port: int, *options: str) -> list[str]:
             *options, app]
 
 
-def start_echo(instance: int, log_dir: Path, seed: int = 0) -> tuple[Proc, str]:
+def start_echo(instance: int, log_dir: Path, seed: int = 0,
+               **env: str) -> tuple[Proc, str]:
     port = free_port()
-    proc = spawn(f"echo{instance}",
+    proc = spawn(f"echo{instance}-{port}",
                  gunicorn("apps.echo:create_app()", port, "-w", "1", "--threads", "32",
                           "--keep-alive", "75"),
-                 {"ECHO_INSTANCE": str(instance), "SEED": str(seed)}, log_dir, [port])
+                 {"ECHO_INSTANCE": str(instance), "SEED": str(seed), **env}, log_dir, [port])
     return proc, f"http://127.0.0.1:{port}"
 
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.support import free_port, gunicorn, spawn, start_balancer, start_echo
+from tests.support import free_port, gunicorn, spawn, start_balancer, start_echo, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -224,9 +224,11 @@ def test_websocket_upgrade_gets_501(balancer):
 def test_admin_status_and_ready(balancer, echoes):
     _, admin = balancer
     status = requests.get(f"{admin}/status", timeout=5).json()
-    assert status["strategy"] == "round_robin"
+    assert status["strategy"] == "scored"
     assert status["redis"]["reachable"] is True
-    assert status["workers"] == 2
+    # Gunicorn forks its workers a moment apart.
+    wait_for(lambda: requests.get(f"{admin}/status", timeout=5).json()["workers"] == 2,
+             what="both workers")
     assert [b["url"] for b in status["backends"]] == echoes
     ready = requests.get(f"{admin}/ready", timeout=5)
     assert ready.status_code == 200 and ready.json() == {"ready": True, "reasons": []}

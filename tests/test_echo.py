@@ -103,3 +103,10 @@ def test_the_profile_is_printed_at_start_up(capsys, sleeps):
     make_client(sleeps, SEED=9, ECHO_INSTANCE=1)
     out = capsys.readouterr().out
     assert out.startswith("echo-1: profile ") and '"seed": 9' in out
+
+
+def test_a_known_fault_overrides_the_seeded_profile(sleeps):
+    client = make_client(sleeps, SEED=0, ECHO_ERROR_RATE="1", ECHO_MEAN_LATENCY_MS="250")
+    assert client.get("/profile").get_json()["error_rate"] == 1.0
+    response = client.post("/", data=b"{}", content_type="application/json")
+    assert response.status_code == 500 and len(sleeps) == 1 and sleeps[0] > 0

@@ -15,7 +15,7 @@ def test_defaults_are_valid_and_point_at_the_procfile_echo_instances():
     settings = load_settings(environ={})
     assert [b.id for b in settings.backends] == [
         "127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
-    assert settings.strategy == "round_robin"
+    assert settings.strategy == "scored"
     assert (settings.port, settings.admin_port) == (8000, 8001)
     assert settings.redis_url == "redis://127.0.0.1:6390/0"
 

@@ -1,24 +1,182 @@
--- report: record the outcome of one upstream attempt on its backend.
+-- report: score one upstream attempt and block its backend when the score says so.
+-- This file is the scorer: every rule that turns outcomes into scores and blocks.
 --
--- KEYS[1]  lb:{pool}:b:<backend id>   hash of the backend's counters
--- ARGV[1]  now          caller's clock, seconds since the epoch (float)
--- ARGV[2]  latency_ms   time to the response head, or to the failure (float)
--- ARGV[3]  outcome      'ok' (any HTTP answer below 500), 'http_5xx',
---                       'connect', 'timeout' or 'protocol'
--- ARGV[4]  status       HTTP status, or 0 when there was none
--- Returns  the backend's request count after this report.
+-- KEYS[1]      lb:{pool}:pool      hash: the pool's latency average (avg_sum,
+--                                  avg_weight, avg_at), blocks_deferred
+-- KEYS[2..n+1] lb:{pool}:b:<id>    each backend's hash, in the pool's order
+-- ARGV[1]  now                  caller's clock, seconds since the epoch
+-- ARGV[2]  index                0-based index of the reported backend in KEYS[2..]
+-- ARGV[3]  latency_ms           time to the response head, or to the failure
+-- ARGV[4]  outcome              'ok' (any answer below 500), 'http_5xx',
+--                               'connect', 'timeout' or 'protocol'
+-- ARGV[5]  status               HTTP status, 0 when there was none
+-- ARGV[6]  may_block            1 (strategy `scored`) or 0 (keep scores, never block)
+-- ARGV[7]  score_min            ARGV[7..30]: the LB_* settings of the same name
+-- ARGV[8]  score_max
+-- ARGV[9]  score_threshold
+-- ARGV[10] score_half_life_s
+-- ARGV[11] avg_tau_s
+-- ARGV[12] latency_tau_s
+-- ARGV[13] latency_min_samples
+-- ARGV[14] latency_ratio
+-- ARGV[15] latency_slack_ms
+-- ARGV[16] slow_points
+-- ARGV[17] slow_max_points
+-- ARGV[18] fast_bonus
+-- ARGV[19] error_points
+-- ARGV[20] error_latency_factor
+-- ARGV[21] error_tau_s
+-- ARGV[22] error_quiet
+-- ARGV[23] success_bonus
+-- ARGV[24] block_turns
+-- ARGV[25] block_turns_per_point
+-- ARGV[26] block_min_s
+-- ARGV[27] block_max_s
+-- ARGV[28] reoffend_s
+-- ARGV[29] max_blocked_share
+-- ARGV[30] min_unblocked
+-- Returns  {score, blocked_turns}: the score after this report (as a string,
+--          Redis would truncate a number) and the turns of a block it started, or 0.
 --
--- The time comes from the caller, never from Redis TIME, so tests can drive a
--- fake clock and the same script runs on fakeredis.
-local now = ARGV[1]
-local latency_ms = ARGV[2]
-local outcome = ARGV[3]
-local status = ARGV[4]
+-- Averages are exponentially decayed means: sum and weight both fade by
+-- e^(-dt/tau) and each request adds its value and a weight of 1. They follow
+-- time, not request count, and several reports at the same instant all count.
+-- The time comes from the caller (never Redis TIME); a step backwards, from
+-- hosts whose clocks differ, counts as zero.
+local now = tonumber(ARGV[1])
+local index = tonumber(ARGV[2])
+local latency_ms = tonumber(ARGV[3])
+local outcome = ARGV[4]
+local status = ARGV[5]
+local may_block = ARGV[6] == '1'
+local score_min = tonumber(ARGV[7])
+local score_max = tonumber(ARGV[8])
+local score_threshold = tonumber(ARGV[9])
+local score_half_life_s = tonumber(ARGV[10])
+local avg_tau_s = tonumber(ARGV[11])
+local latency_tau_s = tonumber(ARGV[12])
+local latency_min_samples = tonumber(ARGV[13])
+local latency_ratio = tonumber(ARGV[14])
+local latency_slack_ms = tonumber(ARGV[15])
+local slow_points = tonumber(ARGV[16])
+local slow_max_points = tonumber(ARGV[17])
+local fast_bonus = tonumber(ARGV[18])
+local error_points = tonumber(ARGV[19])
+local error_latency_factor = tonumber(ARGV[20])
+local error_tau_s = tonumber(ARGV[21])
+local error_quiet = tonumber(ARGV[22])
+local success_bonus = tonumber(ARGV[23])
+local block_turns = tonumber(ARGV[24])
+local block_turns_per_point = tonumber(ARGV[25])
+local block_min_s = tonumber(ARGV[26])
+local block_max_s = tonumber(ARGV[27])
+local reoffend_s = tonumber(ARGV[28])
+local max_blocked_share = tonumber(ARGV[29])
+local min_unblocked = tonumber(ARGV[30])
 
-redis.call('HINCRBY', KEYS[1], 'outcome:' .. outcome, 1)
-redis.call('HSET', KEYS[1],
-    'last_seen', now,
-    'last_latency_ms', latency_ms,
-    'last_outcome', outcome,
-    'last_status', status)
-return redis.call('HINCRBY', KEYS[1], 'requests', 1)
+local pool_key = KEYS[1]
+local key = KEYS[index + 2]
+local failed = outcome ~= 'ok'
+
+local function num(value) return tonumber(value) or 0 end
+local function fade(dt, tau) return math.exp(-dt / tau) end
+local function is_blocked(backend_key)
+    local b = redis.call('HMGET', backend_key, 'blocked_turns', 'block_until')
+    return num(b[1]) > 0 or now < num(b[2])
+end
+
+-- 1. The pool's latency average, over successful requests only: failures
+--    would drag the yardstick toward themselves.
+local p = redis.call('HMGET', pool_key, 'avg_sum', 'avg_weight', 'avg_at')
+local pool_fade = fade(math.max(0, now - num(p[3])), avg_tau_s)
+local avg_sum, avg_weight = num(p[1]) * pool_fade, num(p[2]) * pool_fade
+if not failed then
+    avg_sum, avg_weight = avg_sum + latency_ms, avg_weight + 1
+end
+local avg = avg_weight > 0 and avg_sum / avg_weight or latency_ms
+redis.call('HSET', pool_key, 'avg_sum', avg_sum, 'avg_weight', avg_weight,
+           'avg_at', math.max(num(p[3]), now))
+
+-- 2. The backend's smoothed latency and recent error rate. A failure counts as
+--    slow too, at least error_latency_factor x max(average, slack).
+local b = redis.call('HMGET', key, 'score', 'updated_at', 'lat_sum', 'lat_weight',
+                     'err_sum', 'err_weight')
+local updated_at = num(b[2])
+local dt = math.max(0, now - updated_at)
+local lat_fade, err_fade = fade(dt, latency_tau_s), fade(dt, error_tau_s)
+local sample = latency_ms
+if failed then
+    sample = math.max(latency_ms, error_latency_factor * math.max(avg, latency_slack_ms))
+end
+local lat_sum = num(b[3]) * lat_fade + sample
+local lat_weight = num(b[4]) * lat_fade + 1
+local err_sum = num(b[5]) * err_fade + (failed and 1 or 0)
+local err_weight = num(b[6]) * err_fade + 1
+local smoothed = lat_sum / lat_weight
+local error_rate = err_sum / err_weight
+
+-- 3. Points. The old score first fades toward 0 with time.
+local score = num(b[1]) * 0.5 ^ (dt / score_half_life_s)
+if failed then
+    score = score + error_points
+elseif error_rate < error_quiet then
+    score = score - success_bonus
+end
+if lat_weight >= latency_min_samples and avg > 0 then
+    -- Slower means past both the ratio and the slack, for the smoothed latency
+    -- (a trend, not noise) and for this request too, so a lone spike is paid
+    -- for once, not on every request until the smoothing forgets it.
+    local bar = math.max(avg * latency_ratio, avg + latency_slack_ms)
+    if smoothed > bar and sample > bar then
+        score = score + math.min(slow_points * (smoothed / avg - 1), slow_max_points)
+    elseif smoothed < avg then
+        score = score - fast_bonus
+    end
+end
+score = math.min(math.max(score, score_min), score_max)
+
+redis.call('HSET', key, 'score', score, 'updated_at', math.max(updated_at, now),
+           'lat_sum', lat_sum, 'lat_weight', lat_weight,
+           'err_sum', err_sum, 'err_weight', err_weight,
+           'last_seen', now, 'last_latency_ms', latency_ms,
+           'last_outcome', outcome, 'last_status', status)
+redis.call('HINCRBY', key, 'requests', 1)
+redis.call('HINCRBY', key, 'outcome:' .. outcome, 1)
+
+-- 4. Block: at the threshold, for turns growing with the excess, at least
+--    block_min_s; twice as long (capped) for a backend that reoffends soon
+--    after its last block. Never beyond the pool's cap on blocked backends.
+if not may_block or score < score_threshold or is_blocked(key) then
+    return {tostring(score), 0}
+end
+local n = #KEYS - 1
+local blocked = 0
+for i = 2, n + 1 do
+    if is_blocked(KEYS[i]) then blocked = blocked + 1 end
+end
+local cap = math.min(math.floor(max_blocked_share * n + 1e-9), n - min_unblocked)
+if blocked >= cap then
+    redis.call('HINCRBY', pool_key, 'blocks_deferred', 1)
+    return {tostring(score), 0}
+end
+
+local last = redis.call('HMGET', key, 'block_until', 'block_level')
+local level = 0
+if num(last[1]) > 0 and now - num(last[1]) < reoffend_s then
+    level = num(last[2]) + 1
+end
+-- The factor doubles per reoffence, capped so that the time stays within
+-- block_max_s; with no minimum time there is nothing to escalate.
+local factor = 1
+if block_min_s > 0 then
+    factor = math.min(2 ^ level, math.max(1, block_max_s / block_min_s))
+end
+local turns = math.ceil((block_turns + (score - score_threshold) * block_turns_per_point) * factor)
+local reason = string.format(
+    'score %.1f reached %g: last %s, error rate %.0f%%, latency %.0f ms vs pool %.0f ms',
+    score, score_threshold, outcome, error_rate * 100, smoothed, avg)
+redis.call('HSET', key, 'score', 0, 'blocked_turns', turns,
+           'block_until', now + block_min_s * factor, 'block_level', level,
+           'last_block_at', now, 'block_reason', reason)
+redis.call('HINCRBY', key, 'blocks', 1)
+return {tostring(score), turns}
