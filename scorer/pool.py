@@ -76,6 +76,7 @@ REPORT_PARAMS = (
     "slow_points", "slow_max_points", "fast_bonus", "error_points", "error_latency_factor",
     "error_tau_s", "error_quiet", "success_bonus", "block_turns", "block_turns_per_point",
     "block_min_s", "block_max_s", "reoffend_s", "max_blocked_share", "min_unblocked",
+    "relative_credit",
 )
 
 
@@ -156,6 +157,7 @@ class Pool:
         now = self.clock()
         return {
             "latency_avg_ms": _ratio(pool, "avg_sum", "avg_weight"),
+            "error_rate": _ratio(pool, "err_sum", "err_weight"),
             "panic_picks": int(pool.get("panic_picks", 0)),
             "blocks_deferred": int(pool.get("blocks_deferred", 0)),
             "backends": [{"id": b.id, "url": b.url, **describe_backend(backends[b.id], now)}

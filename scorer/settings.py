@@ -237,6 +237,10 @@ TABLE: tuple[Setting, ...] = (
             "A success earns the bonus only while the recent error rate is below this."),
     Setting("LB_SUCCESS_BONUS", "1", number(0), "points",
             "Earned per successful request with no recent errors."),
+    Setting("LB_RELATIVE_CREDIT", "1", number(0), "x",
+            "A success also earns this x LB_ERROR_POINTS x r/(1-r), r the pool's recent "
+            "error rate: a backend failing as often as the pool breaks even, a better one "
+            "gains. 0 judges errors in absolute terms only."),
     Setting("LB_BLOCK_TURNS", "10", number(0, integer=True), "turns",
             "Round-robin turns a block lasts when the score just reaches the threshold."),
     Setting("LB_BLOCK_TURNS_PER_POINT", "1", number(0), "turns",
@@ -299,6 +303,7 @@ class Settings:
     reoffend_s: float
     max_blocked_share: float
     min_unblocked: int
+    relative_credit: float
 
     def backend(self, backend_id: str) -> Backend:
         return next(b for b in self.backends if b.id == backend_id)

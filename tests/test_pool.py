@@ -15,8 +15,10 @@ from scorer.pool import (
 from scorer.settings import load_settings
 
 BACKENDS = "http://127.0.0.1:9001,http://127.0.0.1:9002,http://127.0.0.1:9003"
-# Settings that isolate one rule at a time: no latency judgement, no score fading.
-ERRORS_ONLY = {"LB_LATENCY_MIN_SAMPLES": "1e9", "LB_SCORE_HALF_LIFE_S": "1e9"}
+# Settings that isolate one rule at a time: no latency judgement, no score fading,
+# errors judged in absolute terms.
+ERRORS_ONLY = {"LB_LATENCY_MIN_SAMPLES": "1e9", "LB_SCORE_HALF_LIFE_S": "1e9",
+               "LB_RELATIVE_CREDIT": "0"}
 
 
 class Clock:
@@ -180,6 +182,44 @@ def test_a_fast_error_counts_as_slow_too(any_redis, clock):
     assert pool.status()["latency_avg_ms"] == 50  # failures do not move the yardstick
 
 
+def test_a_success_earns_what_it_is_worth_against_the_pools_error_rate(any_redis, clock):
+    pool = make_pool(any_redis, clock, LB_LATENCY_MIN_SAMPLES="1e9", LB_SCORE_HALF_LIFE_S="1e9",
+                     LB_STRATEGY="round_robin")
+    for _ in range(5):
+        report(pool, 0, status=500)
+        report(pool, 1)
+    # The pool's error rate is now 5/11 with this success: it earns 8 x (5/11) / (6/11),
+    # plus the clean-record bonus of 1.
+    assert report(pool, 2)[0] == pytest.approx(-(8 * 5 / 6 + 1))
+    assert pool.status()["error_rate"] == pytest.approx(5 / 11)
+
+
+def test_a_backend_failing_as_often_as_the_pool_breaks_even(any_redis, clock):
+    pool = make_pool(any_redis, clock, LB_STRATEGY="round_robin",
+                     **{**ERRORS_ONLY, "LB_RELATIVE_CREDIT": "1", "LB_SUCCESS_BONUS": "0"})
+    for round_ in range(40):  # every backend fails one request in four
+        for index in range(3):
+            report(pool, index, status=500 if (round_ + index) % 4 == 0 else 200)
+    scores = [b["score"] for b in pool.status()["backends"]]
+    assert all(abs(score) < 12 for score in scores), scores  # one error's worth, no drift
+
+
+def test_the_least_failing_backend_keeps_the_most_traffic(any_redis, clock):
+    rng = random.Random(3)
+    error_rates = [0.45, 0.19, 0.37]  # a pool where every backend is poor
+    pool = make_pool(any_redis, clock, LB_LATENCY_MIN_SAMPLES="1e9")
+    served = Counter()
+    for _ in range(1500):
+        backend = pool.pick()
+        index = pool.backends.index(backend)
+        served[index] += 1
+        failed = rng.random() < error_rates[index]
+        pool.report(Outcome(backend, 0.05, status=500 if failed else 200))
+        clock.advance(0.01)
+    assert served.most_common(1)[0][0] == 1, served
+    assert served[1] > 600, served
+
+
 # --- latency ----------------------------------------------------------------
 
 def pool_with_average(client, clock, avg_ms: float = 100.0, **env: str) -> Pool:
@@ -271,7 +311,7 @@ def test_the_score_is_bounded(any_redis, clock):
 
 
 def test_the_score_fades_toward_zero_with_time(any_redis, clock):
-    pool = make_pool(any_redis, clock, LB_LATENCY_MIN_SAMPLES="1e9")
+    pool = make_pool(any_redis, clock, LB_LATENCY_MIN_SAMPLES="1e9", LB_RELATIVE_CREDIT="0")
     assert report(pool, 0, status=500)[0] == 8
     clock.advance(30)  # one half-life; the error rate (tau 10 s) is still above 2 %
     assert report(pool, 0)[0] == pytest.approx(4)

@@ -2,7 +2,8 @@
 -- This file is the scorer: every rule that turns outcomes into scores and blocks.
 --
 -- KEYS[1]      lb:{pool}:pool      hash: the pool's latency average (avg_sum,
---                                  avg_weight, avg_at), blocks_deferred
+--                                  avg_weight), error rate (err_sum, err_weight),
+--                                  updated_at, blocks_deferred
 -- KEYS[2..n+1] lb:{pool}:b:<id>    each backend's hash, in the pool's order
 -- ARGV[1]  now                  caller's clock, seconds since the epoch
 -- ARGV[2]  index                0-based index of the reported backend in KEYS[2..]
@@ -11,7 +12,7 @@
 --                               'connect', 'timeout' or 'protocol'
 -- ARGV[5]  status               HTTP status, 0 when there was none
 -- ARGV[6]  may_block            1 (strategy `scored`) or 0 (keep scores, never block)
--- ARGV[7]  score_min            ARGV[7..30]: the LB_* settings of the same name
+-- ARGV[7]  score_min            ARGV[7..31]: the LB_* settings of the same name
 -- ARGV[8]  score_max
 -- ARGV[9]  score_threshold
 -- ARGV[10] score_half_life_s
@@ -35,6 +36,7 @@
 -- ARGV[28] reoffend_s
 -- ARGV[29] max_blocked_share
 -- ARGV[30] min_unblocked
+-- ARGV[31] relative_credit
 -- Returns  {score, blocked_turns}: the score after this report (as a string,
 --          Redis would truncate a number) and the turns of a block it started, or 0.
 --
@@ -73,6 +75,7 @@ local block_max_s = tonumber(ARGV[27])
 local reoffend_s = tonumber(ARGV[28])
 local max_blocked_share = tonumber(ARGV[29])
 local min_unblocked = tonumber(ARGV[30])
+local relative_credit = tonumber(ARGV[31])
 
 local pool_key = KEYS[1]
 local key = KEYS[index + 2]
@@ -85,17 +88,23 @@ local function is_blocked(backend_key)
     return num(b[1]) > 0 or now < num(b[2])
 end
 
--- 1. The pool's latency average, over successful requests only: failures
---    would drag the yardstick toward themselves.
-local p = redis.call('HMGET', pool_key, 'avg_sum', 'avg_weight', 'avg_at')
-local pool_fade = fade(math.max(0, now - num(p[3])), avg_tau_s)
-local avg_sum, avg_weight = num(p[1]) * pool_fade, num(p[2]) * pool_fade
+-- 1. The pool's yardsticks: its latency average, over successful requests
+--    only (failures would drag it toward themselves), and its error rate.
+local p = redis.call('HMGET', pool_key, 'avg_sum', 'avg_weight', 'err_sum', 'err_weight',
+                     'updated_at')
+local pool_dt = math.max(0, now - num(p[5]))
+local avg_fade, pool_err_fade = fade(pool_dt, avg_tau_s), fade(pool_dt, error_tau_s)
+local avg_sum, avg_weight = num(p[1]) * avg_fade, num(p[2]) * avg_fade
 if not failed then
     avg_sum, avg_weight = avg_sum + latency_ms, avg_weight + 1
 end
 local avg = avg_weight > 0 and avg_sum / avg_weight or latency_ms
+local pool_err_sum = num(p[3]) * pool_err_fade + (failed and 1 or 0)
+local pool_err_weight = num(p[4]) * pool_err_fade + 1
+local pool_error_rate = pool_err_sum / pool_err_weight
 redis.call('HSET', pool_key, 'avg_sum', avg_sum, 'avg_weight', avg_weight,
-           'avg_at', math.max(num(p[3]), now))
+           'err_sum', pool_err_sum, 'err_weight', pool_err_weight,
+           'updated_at', math.max(num(p[5]), now))
 
 -- 2. The backend's smoothed latency and recent error rate. A failure counts as
 --    slow too, at least error_latency_factor x max(average, slack).
@@ -119,8 +128,14 @@ local error_rate = err_sum / err_weight
 local score = num(b[1]) * 0.5 ^ (dt / score_half_life_s)
 if failed then
     score = score + error_points
-elseif error_rate < error_quiet then
-    score = score - success_bonus
+else
+    -- A success earns what it is worth against the pool: with pool error rate
+    -- r, error_points x r/(1-r), so a backend failing as often as the pool
+    -- breaks even and a better one gains. Nothing in a healthy pool (r = 0).
+    score = score - relative_credit * error_points * pool_error_rate / (1 - pool_error_rate)
+    if error_rate < error_quiet then
+        score = score - success_bonus
+    end
 end
 if lat_weight >= latency_min_samples and avg > 0 then
     -- Slower means past both the ratio and the slack, for the smoothed latency
