@@ -6,7 +6,9 @@ lines override bind, workers and threads on the command line, which Gunicorn
 ranks above this file.
 """
 import os
+import shutil
 import sys
+import tempfile
 
 _env = os.environ.get
 
@@ -61,7 +63,8 @@ def _is_balancer(server):
 
 
 def on_starting(server):
-    """Validate the balancer's settings once, before anything binds."""
+    """Validate the balancer's settings once, before anything binds, and make the
+    runtime dir in which workers leave state for the admin listener to read."""
     if not _is_balancer(server):
         return
     from scorer.settings import SettingsError, load_settings
@@ -70,6 +73,13 @@ def on_starting(server):
     except SettingsError as exc:
         print(f"lb: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+    os.environ["LB_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="lb-run-")
+
+
+def on_exit(server):
+    runtime_dir = os.environ.get("LB_RUNTIME_DIR")
+    if _is_balancer(server) and runtime_dir:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
 def when_ready(server):
@@ -80,12 +90,22 @@ def when_ready(server):
     from scorer.settings import load_settings
     settings = load_settings()
     try:
-        server.admin_server = start_admin_server(settings, lambda: len(server.WORKERS))
+        server.admin_server = start_admin_server(settings, lambda: list(server.WORKERS))
     except OSError as exc:
         print(f"lb: cannot bind admin listener {settings.admin_host}:{settings.admin_port}: "
               f"{exc.strerror}", file=sys.stderr, flush=True)
         sys.exit(2)
     server.log.info("admin listener on http://%s:%s", settings.admin_host, settings.admin_port)
+
+
+def child_exit(server, worker):
+    # A worker that dies degraded must not look degraded for ever.
+    runtime_dir = os.environ.get("LB_RUNTIME_DIR")
+    if runtime_dir:
+        try:
+            os.unlink(os.path.join(runtime_dir, f"degraded-{worker.pid}"))
+        except FileNotFoundError:
+            pass
 
 
 def post_fork(server, worker):

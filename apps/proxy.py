@@ -3,9 +3,10 @@
     gunicorn -c gunicorn_conf.py "apps.proxy:create_app()"
 
 A request's path: read the body (bounded by LB_MAX_BODY), ask the pool for a
-backend, forward, report the outcome to the pool, relay the answer. The
-balancer's own endpoints are on the admin listener (apps/admin.py), so no path
-here is reserved.
+backend, forward, report the outcome to the pool, relay the answer; when an
+attempt fails and may be repeated, do it again on another backend, within the
+retry budget and the request's deadline. The balancer's own endpoints are on
+the admin listener (apps/admin.py), so no path here is reserved.
 """
 from __future__ import annotations
 
@@ -14,17 +15,20 @@ import os
 import time
 from typing import Any, Mapping
 
-import redis
-from flask import Flask, Response, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from dataclasses import dataclass
 
+import urllib3
+from flask import Flask, Request, Response, request
+
+from apps.body import RequestBody
 from apps.errors import json_error, register_json_errors
+from apps.retry import may_retry
 from apps.upstream import (
-    UpstreamError, Upstreams, client_response_headers, read_or_stream, request_target,
-    upstream_request_headers,
+    STREAM_CHUNK, InFlight, UpstreamError, Upstreams, client_response_headers, read_capped,
+    read_or_stream, request_target, upstream_request_headers,
 )
 from scorer.pool import TIMEOUT, Outcome, Pool
-from scorer.settings import Backend, load_settings
+from scorer.settings import Backend, Settings, load_settings
 
 log = logging.getLogger("lb.proxy")
 
@@ -55,27 +59,139 @@ class UpstreamResponse(Response):
     automatically_set_content_length = False
 
 
-def read_body(environ: Mapping[str, Any], limit: int) -> bytes:
-    """The whole request body, at most `limit` bytes, or RequestEntityTooLarge (413).
+@dataclass
+class Failure:
+    """A failed attempt: a transport error, or a retryable answer (kept, to relay
+    if no retry follows)."""
 
-    Werkzeug's own limit truncates a chunked body at the limit instead of
-    refusing it, so the count is kept here: one byte past the limit is enough.
-    """
-    stream = environ["wsgi.input"]
-    length = environ.get("CONTENT_LENGTH")
-    if length:  # Gunicorn has checked it is a number
-        if int(length) > limit:
-            raise RequestEntityTooLarge()
-        return stream.read(int(length))
-    if not environ.get("wsgi.input_terminated"):
-        return b""  # no length and no chunked framing: there is no body
-    chunks, size = [], 0
-    while chunk := stream.read(min(64 * 1024, limit + 1 - size)):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            raise RequestEntityTooLarge()
-    return b"".join(chunks)
+    backend: Backend
+    error: UpstreamError | None = None
+    response: Response | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.error.delivered if self.error else True
+
+    def describe(self) -> str:
+        return str(self.error) if self.error else f"status {self.response.status_code}"
+
+
+class Forwarder:
+    """Forwards one request at a time (per thread): attempts, retries, reports."""
+
+    def __init__(self, settings: Settings, pool: Pool, upstreams: Upstreams,
+                 inflight: InFlight) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.upstreams = upstreams
+        self.inflight = inflight
+
+    def handle(self, req: Request) -> Response:
+        upgrade = req.headers.get("Upgrade", "").lower()
+        if upgrade and upgrade != "h2c":  # h2c may be ignored; a WebSocket may not
+            return json_error(501, f"protocol upgrade to {upgrade!r} is not supported",
+                              source=SOURCE)
+        settings = self.settings
+        body = RequestBody.read(req.environ, settings.max_body, settings.retry_buffer)
+        target = request_target(req.environ.get("RAW_URI") or req.full_path)
+        deadline = time.monotonic() + settings.request_timeout
+        tried: list[Backend] = []
+        failure: Failure | None = None
+        while len(tried) <= settings.retries:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                backend = self.pool.pick(self.inflight.flags(tried), retry=bool(tried))
+            except Exception:  # the store degrades by itself; this is a bug, not an outage
+                log.exception("pick failed")
+                break
+            if backend is None:  # retry budget spent, or every backend tried
+                break
+            if failure:
+                log.info("retrying %s %s on %s after %s from %s", req.method, req.path,
+                         backend.id, failure.describe(), failure.backend.id)
+            tried.append(backend)
+            result = self.attempt(req, backend, target, body, remaining)
+            if isinstance(result, Response):
+                return result
+            failure = result
+            if not may_retry(req.method, delivered=failure.delivered,
+                             non_idempotent=settings.retry_non_idempotent,
+                             body_replayable=body.replayable):
+                break
+        return self.give_up(req, failure, len(tried))
+
+    def attempt(self, req: Request, backend: Backend, target: str, body: RequestBody,
+                remaining: float) -> Response | Failure:
+        """One try on one backend: its answer, or a Failure to retry or relay."""
+        settings = self.settings
+        headers = upstream_request_headers(
+            req.headers.items(), backend=backend, client_addr=req.remote_addr or "",
+            scheme=req.scheme, preserve_host=settings.preserve_host)
+        length = body.content_length()
+        headers.pop("Content-Length", None)
+        if length is not None:
+            headers["Content-Length"] = str(length)
+        timeout = urllib3.Timeout(connect=min(settings.connect_timeout, remaining),
+                                  read=min(settings.read_timeout, remaining))
+        self.inflight.acquire(backend)
+        started = time.monotonic()
+        try:
+            upstream = self.upstreams.send(backend, req.method, target, headers,
+                                           body.upstream(), timeout)
+        except UpstreamError as err:
+            self.inflight.release(backend)
+            self.report(Outcome(backend, time.monotonic() - started, error=err.kind))
+            log.warning("%s %s -> %s: %s", req.method, req.path, backend.id, err)
+            return Failure(backend, error=err)
+        except BaseException:  # the client's body was too large or broke off
+            self.inflight.release(backend)
+            raise
+        latency = time.monotonic() - started
+        done = lambda: self.inflight.release(backend)  # noqa: E731
+        retryable = upstream.status in settings.retry_on_status
+        try:
+            # A retryable answer is kept whole (if small) in case no retry follows.
+            content = read_capped(upstream, STREAM_CHUNK, done) if retryable else \
+                read_or_stream(upstream, done)
+        except UpstreamError as err:
+            self.report(Outcome(backend, latency, error=err.kind))
+            return Failure(backend, error=err)
+        self.report(Outcome(backend, latency, status=upstream.status))
+        if content is None:
+            response = json_error(502, f"upstream {backend.id} answered {upstream.status}",
+                                  source=SOURCE, upstream=backend.id)
+            response.headers["X-Upstream"] = backend.id
+        else:
+            response_headers = client_response_headers(upstream.headers.iteritems())
+            response_headers.append(("X-Upstream", backend.id))
+            response = UpstreamResponse(content, status=upstream.status,
+                                        headers=response_headers, direct_passthrough=True)
+        return Failure(backend, response=response) if retryable else response
+
+    def report(self, outcome: Outcome) -> None:
+        try:
+            score, turns = self.pool.report(outcome)
+        except Exception:  # bookkeeping must never cost the client its answer
+            log.exception("report failed")
+            return
+        if turns:
+            log.warning("blocked %s for %d turns at score %.1f (why: GET /status)",
+                        outcome.backend.id, turns, score)
+
+    def give_up(self, req: Request, failure: Failure | None, attempts: int) -> Response:
+        """The answer when no attempt succeeded: the last backend's, or the balancer's."""
+        if failure is None:
+            return json_error(503, "no backend could be tried", source=SOURCE)
+        if failure.response is not None:
+            return failure.response
+        err = failure.error
+        status = 504 if err.kind == TIMEOUT else 502
+        response = json_error(status, f"upstream {failure.backend.id}: {err}", source=SOURCE,
+                              upstream=failure.backend.id, kind=err.kind, attempts=attempts)
+        response.headers["X-Upstream"] = failure.backend.id
+        return response
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -83,65 +199,28 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     settings = load_settings(overrides=config)
     app = ProxyFlask(__name__, static_folder=None)
     register_json_errors(app, source=SOURCE)
+    _log_through_gunicorn()
 
-    pool = Pool(settings)
+    # Gunicorn's master makes the runtime dir; degraded workers leave a marker there.
+    pool = Pool(settings, marker_dir=os.environ.get("LB_RUNTIME_DIR"))
     # Gunicorn's post_fork hook tells each worker its thread count.
     threads = int(os.environ.get("GUNICORN_WORKER_THREADS", "16"))
-    upstreams = Upstreams(settings, maxsize=threads)
-    app.extensions["lb.pool"] = pool
-
-    def report(outcome: Outcome) -> None:
-        try:
-            score, turns = pool.report(outcome)
-            if turns:
-                log.warning("blocked %s for %d turns at score %.1f (why: GET /status)",
-                            outcome.backend.id, turns, score)
-        except redis.RedisError as exc:
-            # The client's answer matters more than the bookkeeping.
-            log.warning("could not report to Redis: %s", exc)
-
-    def failure(backend: Backend, err: UpstreamError) -> Response:
-        status = 504 if err.kind == TIMEOUT else 502
-        log.warning("%s %s -> %s: %s, answered %d", request.method, request.path,
-                    backend.id, err, status)
-        response = json_error(status, f"upstream {backend.id}: {err}", source=SOURCE,
-                              upstream=backend.id, kind=err.kind)
-        response.headers["X-Upstream"] = backend.id
-        return response
+    forwarder = Forwarder(settings, pool, Upstreams(settings, maxsize=threads),
+                          InFlight(settings.backends, settings.max_inflight))
+    app.extensions["lb.forwarder"] = forwarder
 
     @app.endpoint("forward")
     def forward() -> Response:
-        upgrade = request.headers.get("Upgrade", "").lower()
-        if upgrade and upgrade != "h2c":  # h2c may be ignored; a WebSocket may not
-            return json_error(501, f"protocol upgrade to {upgrade!r} is not supported",
-                              source=SOURCE)
-        body = read_body(request.environ, settings.max_body)
-        try:
-            backend = pool.pick()
-        except redis.RedisError as exc:
-            log.error("cannot pick a backend, Redis unavailable: %s", exc)
-            return json_error(503, "balancer state unavailable (Redis)", source=SOURCE)
-
-        headers = upstream_request_headers(
-            request.headers.items(), backend=backend, client_addr=request.remote_addr or "",
-            scheme=request.scheme, preserve_host=settings.preserve_host)
-        if body or "Content-Length" in headers:
-            headers["Content-Length"] = str(len(body))  # a chunked upload arrives whole
-        target = request_target(request.environ.get("RAW_URI") or request.full_path)
-
-        started = time.monotonic()
-        try:
-            upstream = upstreams.send(backend, request.method, target, headers, body or None)
-            latency = time.monotonic() - started
-            content = read_or_stream(upstream)
-        except UpstreamError as err:
-            report(Outcome(backend, time.monotonic() - started, error=err.kind))
-            return failure(backend, err)
-        report(Outcome(backend, latency, status=upstream.status))
-
-        response_headers = client_response_headers(upstream.headers.iteritems())
-        response_headers.append(("X-Upstream", backend.id))
-        return UpstreamResponse(content, status=upstream.status, headers=response_headers,
-                                direct_passthrough=True)
+        return forwarder.handle(request)
 
     return app
+
+
+def _log_through_gunicorn() -> None:
+    """Send the balancer's log lines where Gunicorn sends its own, at its level."""
+    gunicorn_log = logging.getLogger("gunicorn.error")
+    lb_log = logging.getLogger("lb")
+    if gunicorn_log.handlers and not lb_log.handlers:
+        lb_log.handlers = gunicorn_log.handlers
+        lb_log.setLevel(gunicorn_log.level)
+        lb_log.propagate = False

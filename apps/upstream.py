@@ -13,7 +13,8 @@ backend.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping
+import threading
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import urllib3
@@ -97,20 +98,27 @@ def client_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[st
 
 
 class UpstreamError(Exception):
-    """An attempt that produced no HTTP answer; `kind` is CONNECT, TIMEOUT or PROTOCOL."""
+    """An attempt that produced no HTTP answer; `kind` is CONNECT, TIMEOUT or PROTOCOL.
 
-    def __init__(self, kind: str, detail: str) -> None:
+    `delivered` is False when no connection was made, so nothing reached the
+    backend and any request may safely be sent elsewhere.
+    """
+
+    def __init__(self, kind: str, detail: str, delivered: bool = True) -> None:
         super().__init__(detail)
         self.kind = kind
+        self.delivered = delivered
 
 
 def classify(exc: HTTPError) -> UpstreamError:
     """Turn a urllib3 failure into an UpstreamError of the right kind."""
     # NewConnectionError subclasses ConnectTimeoutError, so it is tested first.
     if isinstance(exc, NewConnectionError):
-        return UpstreamError(CONNECT, "connection refused or unreachable")
-    if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)):
-        return UpstreamError(TIMEOUT, "timed out")
+        return UpstreamError(CONNECT, "connection refused or unreachable", delivered=False)
+    if isinstance(exc, ConnectTimeoutError):
+        return UpstreamError(TIMEOUT, "timed out connecting", delivered=False)
+    if isinstance(exc, ReadTimeoutError):
+        return UpstreamError(TIMEOUT, "timed out waiting for an answer")
     if isinstance(exc, ProtocolError):
         return UpstreamError(PROTOCOL, f"connection broken: {exc.args[-1]!r}")
     return UpstreamError(PROTOCOL, f"{type(exc).__name__}: {exc}")
@@ -127,8 +135,9 @@ class Upstreams:
             for b in settings.backends
         }
 
-    def send(self, backend: Backend, method: str, target: str,
-             headers: Mapping[str, str], body: bytes | None) -> urllib3.BaseHTTPResponse:
+    def send(self, backend: Backend, method: str, target: str, headers: Mapping[str, str],
+             body: bytes | Iterator[bytes] | None,
+             timeout: urllib3.Timeout) -> urllib3.BaseHTTPResponse:
         """Send one request and return once the response head has arrived.
 
         Raises UpstreamError when no HTTP answer came back. The body is left
@@ -136,23 +145,25 @@ class Upstreams:
         """
         try:
             return self._pools[backend.id].urlopen(
-                method, target, body=body, headers=headers,
+                method, target, body=body, headers=headers, timeout=timeout,
                 retries=False, redirect=False, assert_same_host=False,
                 preload_content=False, decode_content=False)
         except HTTPError as exc:
             raise classify(exc) from exc
 
 
-def read_or_stream(response: urllib3.BaseHTTPResponse) -> bytes | Iterator[bytes]:
+def read_or_stream(response: urllib3.BaseHTTPResponse,
+                   done: Callable[[], None] = lambda: None) -> bytes | Iterator[bytes]:
     """The response body: bytes when small and of known length, else a chunk iterator.
 
-    Raises UpstreamError when a small body breaks off before its end.
+    Raises UpstreamError when a small body breaks off before its end. `done`
+    runs once the body is finished with, read or abandoned.
     The connection goes back to the pool only once the body is fully read; a
     body abandoned half-way (the client left) closes its connection instead,
     so no later request can read its leftovers.
     """
     length = response.headers.get("Content-Length", "")
-    if length.isdigit() and int(length) <= STREAM_CHUNK:
+    if response.status in (204, 304) or (length.isdigit() and int(length) <= STREAM_CHUNK):
         try:
             body = response.read(decode_content=False)
         except HTTPError as exc:
@@ -160,11 +171,12 @@ def read_or_stream(response: urllib3.BaseHTTPResponse) -> bytes | Iterator[bytes
             raise classify(exc) from exc
         finally:
             response.release_conn()
+            done()
         return body
-    return _stream(response)
+    return _stream(response, done)
 
 
-def _stream(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+def _stream(response: urllib3.BaseHTTPResponse, done: Callable[[], None]) -> Iterator[bytes]:
     finished = False
     try:
         yield from response.stream(STREAM_CHUNK, decode_content=False)
@@ -173,3 +185,60 @@ def _stream(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
         if not finished:
             response.close()
         response.release_conn()
+        done()
+
+
+def read_capped(response: urllib3.BaseHTTPResponse, cap: int,
+                done: Callable[[], None] = lambda: None) -> bytes | None:
+    """The whole body if it is at most `cap` bytes, else None (the rest is dropped).
+
+    Raises UpstreamError when the body breaks off before its end.
+    """
+    try:
+        body = response.read(cap + 1, decode_content=False)
+        if len(body) > cap:
+            response.close()
+            return None
+        if response.read(1, decode_content=False):  # read(amt) may stop short of EOF
+            response.close()
+            return None
+        return body
+    except HTTPError as exc:
+        response.close()
+        raise classify(exc) from exc
+    finally:
+        response.release_conn()
+        done()
+
+
+class InFlight:
+    """Requests this worker has under way to each backend, against a cap.
+
+    Per process, as HAProxy's `maxconn` is per process: the cap exists so that
+    one hanging backend cannot hold every thread of a worker.
+    """
+
+    def __init__(self, backends: Sequence[Backend], cap: int) -> None:
+        self._backends = list(backends)
+        self._cap = cap
+        self._counts = {b.id: 0 for b in backends}
+        self._lock = threading.Lock()
+
+    def acquire(self, backend: Backend) -> None:
+        with self._lock:
+            self._counts[backend.id] += 1
+
+    def release(self, backend: Backend) -> None:
+        with self._lock:
+            self._counts[backend.id] -= 1
+
+    def count(self, backend: Backend) -> int:
+        return self._counts[backend.id]
+
+    def flags(self, tried: Iterable[Backend]) -> str:
+        """pick.lua's flags: 'x' tried by this request, 'b' at the cap, '.' eligible."""
+        tried_ids = {b.id for b in tried}
+        flags = "".join("x" if b.id in tried_ids else
+                        "b" if self._counts[b.id] >= self._cap else "."
+                        for b in self._backends)
+        return "" if flags.count(".") == len(flags) else flags

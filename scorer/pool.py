@@ -6,8 +6,6 @@ at most two Redis round trips: one `pick`, one `report`.
 """
 from __future__ import annotations
 
-import os
-import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -16,6 +14,7 @@ from typing import Any, Callable, Mapping
 import redis
 
 from scorer.settings import Backend, Settings
+from scorer.store import Store
 
 # Outcome kinds of one upstream attempt. "ok" is any HTTP answer below 500:
 # a 4xx is the client's fault, not the backend's.
@@ -69,6 +68,10 @@ def connect(settings: Settings) -> redis.Redis:
     )
 
 
+# What an admin reset clears: score, block and the decayed history behind them.
+RESET_FIELDS = ("score", "blocked_turns", "block_until", "block_level", "updated_at",
+                "lat_sum", "lat_weight", "err_sum", "err_weight")
+
 # The settings report.lua reads, in its ARGV order (ARGV[7] onwards).
 REPORT_PARAMS = (
     "score_min", "score_max", "score_threshold", "score_half_life_s", "avg_tau_s",
@@ -85,62 +88,57 @@ class Pool:
 
     def __init__(self, settings: Settings,
                  redis_factory: Callable[[], redis.Redis] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *,
+                 degrade: bool = True, marker_dir: str | None = None) -> None:
         self.settings = settings
         self.backends = settings.backends
         self.clock = clock
-        self._factory = redis_factory or (lambda: connect(settings))
-        self._lock = threading.Lock()
-        self._client: redis.Redis | None = None
-        self._client_pid = 0
+        self.store = Store(redis_factory or (lambda: connect(settings)),
+                           {name: load_lua(name) for name in ("pick", "report")},
+                           degrade=degrade, retry_s=settings.redis_retry_s,
+                           marker_dir=marker_dir)
         self._index = {b.id: i for i, b in enumerate(self.backends)}
         # Both scripts take the same keys: the pool's hash, then every backend's.
         self._keys = [pool_key(settings.pool),
                       *(backend_key(settings.pool, b.id) for b in self.backends)]
         self._scored = "1" if settings.strategy == "scored" else "0"
+        self._budget = [repr(settings.retry_budget), repr(settings.retry_budget_min),
+                        repr(settings.retry_budget_tau_s)]
         self._params = [repr(getattr(settings, name)) for name in REPORT_PARAMS]
 
     @property
     def redis(self) -> redis.Redis:
-        """The Redis client of this process, created on first use.
+        return self.store.redis
 
-        Created lazily and again after a fork, so a client is never shared
-        between Gunicorn's master and its workers, whatever `preload_app` says.
+    def pick(self, flags: str = "", retry: bool = False) -> Backend | None:
+        """Advance the shared cursor past blocked backends and return the one it lands on.
+
+        `flags` has one character per backend: '.' eligible, 'b' busy (passed over
+        like a blocked one), 'x' already tried (never picked). A retry may be
+        refused (retry budget, or nothing untried left): then None.
         """
-        if self._client is None or self._client_pid != os.getpid():
-            with self._lock:
-                if self._client is None or self._client_pid != os.getpid():
-                    client = self._factory()
-                    self._pick = client.register_script(load_lua("pick"))
-                    self._report = client.register_script(load_lua("report"))
-                    self._client, self._client_pid = client, os.getpid()
-        return self._client
-
-    def pick(self) -> Backend:
-        """Advance the shared cursor past blocked backends and return the one it lands on."""
-        client = self.redis
-        index, _panic = self._pick(keys=self._keys, args=[repr(self.clock()), self._scored],
-                                   client=client)
-        return self.backends[int(index)]
+        index, _panic = self.store.run(
+            "pick", self._keys,
+            [repr(self.clock()), self._scored, flags, "1" if retry else "0", *self._budget])
+        return None if int(index) < 0 else self.backends[int(index)]
 
     def report(self, outcome: Outcome) -> tuple[float, int]:
         """Score one attempt's outcome; return the new score and the turns of a
         block it started (0 for none)."""
-        client = self.redis
-        score, turns = self._report(
-            keys=self._keys,
-            args=[repr(self.clock()), self._index[outcome.backend.id],
-                  f"{outcome.latency_s * 1000:.3f}", outcome.kind, outcome.status or 0,
-                  self._scored, *self._params],
-            client=client)
+        score, turns = self.store.run(
+            "report", self._keys,
+            [repr(self.clock()), self._index[outcome.backend.id],
+             f"{outcome.latency_s * 1000:.3f}", outcome.kind, outcome.status or 0,
+             self._scored, *self._params])
         return float(score), int(turns)
+
+    def reset(self, backend: Backend) -> None:
+        """Forget a backend's score, block and recent history (its counters stay)."""
+        self.redis.hdel(self._keys[1 + self._index[backend.id]], *RESET_FIELDS)
 
     def ping(self) -> bool:
         """Whether Redis answers now."""
-        try:
-            return bool(self.redis.ping())
-        except redis.RedisError:
-            return False
+        return self.store.ping()
 
     def raw_state(self) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
         """The pool's hash and each backend's hash, as stored in Redis."""
@@ -160,6 +158,7 @@ class Pool:
             "error_rate": _ratio(pool, "err_sum", "err_weight"),
             "panic_picks": int(pool.get("panic_picks", 0)),
             "blocks_deferred": int(pool.get("blocks_deferred", 0)),
+            "retries_denied": int(pool.get("retries_denied", 0)),
             "backends": [{"id": b.id, "url": b.url, **describe_backend(backends[b.id], now)}
                          for b in self.backends],
         }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
@@ -130,6 +130,17 @@ def parse_choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def parse_statuses(raw: str) -> frozenset[int]:
+    statuses = set()
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        if not part.isdigit() or not 500 <= int(part) <= 599:
+            raise ValueError(f"{part!r} is not a 5xx status")
+        statuses.add(int(part))
+    return frozenset(statuses)
+
+
 def parse_pool_name(raw: str) -> str:
     # The name sits inside a Redis Cluster hash tag, so braces would break it.
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", raw):
@@ -178,13 +189,43 @@ TABLE: tuple[Setting, ...] = (
             "Address the admin listener binds."),
     Setting("LB_ADMIN_PORT", "8001", parse_port, "port",
             "Port of the admin listener (`/status`, `/ready`)."),
+    Setting("LB_ADMIN_TOKEN", "", str, "secret",
+            "Bearer token for the admin endpoints that change state (`POST /backends/<id>/reset`). "
+            "Unset: those endpoints are off."),
     Setting("LB_CONNECT_TIMEOUT", "1.0", parse_seconds, "s",
             "Time allowed to open a connection to a backend; past it the client gets "
             "504 (a refused connection gets 502)."),
     Setting("LB_READ_TIMEOUT", "15", parse_seconds, "s",
             "Time allowed between bytes from a backend once connected; past it the client gets 504."),
+    Setting("LB_REQUEST_TIMEOUT", "30", parse_seconds, "s",
+            "Deadline for a whole request, retries included; each attempt's timeouts are cut "
+            "to what is left. Past it the client gets 504."),
     Setting("LB_MAX_BODY", "10m", parse_size, "bytes",
             "Largest request body accepted (suffixes k, m, g); larger ones get 413."),
+    Setting("LB_RETRY_BUFFER", "1m", parse_size, "bytes",
+            "Request bodies up to this size are held in memory so that they can be sent "
+            "again on a retry. Larger ones are streamed, and retried only when no "
+            "connection could be opened."),
+    Setting("LB_RETRIES", "1", number(0, 10, integer=True), "attempts",
+            "Extra attempts after a failed one, each on a different backend."),
+    Setting("LB_RETRY_NON_IDEMPOTENT", "0", parse_bool, "bool",
+            "Also retry POST, PATCH (and other non-idempotent methods) after a timeout, a "
+            "broken connection or a retryable status, as nginx's `non_idempotent`. "
+            "A refused connection is retried for every method regardless."),
+    Setting("LB_RETRY_ON_STATUS", "502,503,504", parse_statuses, "statuses",
+            "Backend answers that count as failed attempts worth retrying."),
+    Setting("LB_RETRY_BUDGET", "0.2", number(0, 1), "fraction",
+            "Retries may add at most this share of recent requests (shared through Redis), "
+            "so a failing pool does not get a retry storm..."),
+    Setting("LB_RETRY_BUDGET_MIN", "3", number(0), "retries",
+            "...plus this many, so that light traffic can still retry."),
+    Setting("LB_RETRY_BUDGET_TAU_S", "10", number(0, low_open=True), "s",
+            "Time constant of the recent request and retry counts the budget compares."),
+    Setting("LB_MAX_INFLIGHT", "8", number(1, integer=True), "requests",
+            "Requests one worker process sends to one backend at once (like HAProxy's "
+            "`maxconn`): a backend at its cap is passed over like a blocked one, so a "
+            "hanging backend cannot take every thread. When every backend is at its "
+            "cap, the request still goes out."),
     Setting("LB_PRESERVE_HOST", "0", parse_bool, "bool",
             "Send the client's `Host` header upstream instead of the backend's own."),
     Setting("LB_POOL", "default", parse_pool_name, "name",
@@ -195,6 +236,9 @@ TABLE: tuple[Setting, ...] = (
     Setting("REDIS_URL", "", parse_redis_url, "URL",
             "Redis holding the shared state. Unset: the bundled server, "
             "`redis://127.0.0.1:<LB_REDIS_PORT>/0`."),
+    Setting("LB_REDIS_RETRY_S", "1", parse_seconds, "s",
+            "While Redis is unreachable each worker serves from its own in-process state "
+            "and checks Redis again this often."),
     Setting("LB_REDIS_TIMEOUT", "0.25", parse_seconds, "s",
             "Connect and command timeout for Redis. Scripts are never retried "
             "automatically: a retried script whose reply was lost would run twice."),
@@ -273,11 +317,22 @@ class Settings:
     admin_port: int
     connect_timeout: float
     read_timeout: float
+    request_timeout: float
     max_body: int
+    retry_buffer: int
+    retries: int
+    retry_non_idempotent: bool
+    retry_on_status: frozenset[int]
+    retry_budget: float
+    retry_budget_min: float
+    retry_budget_tau_s: float
+    max_inflight: int
     preserve_host: bool
     pool: str
     redis_port: int
     redis_url: str
+    redis_retry_s: float
+    admin_token: str = field(repr=False)  # never printed with the settings
     redis_timeout: float
     score_min: float
     score_max: float

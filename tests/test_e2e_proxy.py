@@ -231,7 +231,9 @@ def test_admin_status_and_ready(balancer, echoes):
              what="both workers")
     assert [b["url"] for b in status["backends"]] == echoes
     ready = requests.get(f"{admin}/ready", timeout=5)
-    assert ready.status_code == 200 and ready.json() == {"ready": True, "reasons": []}
+    assert ready.status_code == 200
+    assert ready.json() == {"ready": True, "degraded": False, "reasons": []}
+    assert status["mode"] == "shared" and status["degraded_workers"] == []
     assert requests.get(f"{admin}/nope", timeout=5).status_code == 404
 
 
@@ -252,15 +254,21 @@ def test_admin_answers_while_every_traffic_thread_is_busy(reflect, redis_server,
         proc.stop()
 
 
-def test_redis_down_gives_503_json_and_not_ready(echoes, log_dir):
+def test_without_redis_the_balancer_serves_degraded(echoes, log_dir):
     unreachable = f"redis://127.0.0.1:{free_port()}/0"
     proc, url, admin = start_balancer(echoes, unreachable, log_dir, workers=1,
                                       name="proxy-noredis")
     try:
-        response = requests.post(f"{url}/x", json={"a": 1}, timeout=10)
-        assert response.status_code == 503 and response.json()["source"] == "balancer"
-        assert requests.get(f"{admin}/status", timeout=5).json()["redis"]["reachable"] is False
+        session = requests.Session()
+        responses = [session.post(f"{url}/x", json={"a": i}, timeout=10) for i in range(6)]
+        assert [r.json() for r in responses] == [{"a": i} for i in range(6)]
+        # One worker, its own round robin: still a rotation.
+        assert len({r.headers["X-Upstream"] for r in responses}) == 3
+        status = requests.get(f"{admin}/status", timeout=5).json()
+        assert status["redis"]["reachable"] is False and status["mode"] == "degraded"
+        assert len(status["degraded_workers"]) == 1
         ready = requests.get(f"{admin}/ready", timeout=5)
-        assert ready.status_code == 503 and ready.json()["reasons"] == ["Redis is unreachable"]
+        assert ready.status_code == 200 and ready.json()["degraded"] is True
     finally:
         proc.stop()
+    assert proc.output().count("Redis unreachable") == 1  # the switch is logged once

@@ -1,57 +1,96 @@
 -- pick: advance the pool's shared round-robin cursor past blocked backends.
 --
--- KEYS[1]      lb:{pool}:pool       hash: cursor, panic_picks (and report's fields)
+-- KEYS[1]      lb:{pool}:pool       hash: cursor, panic_picks, the retry budget's
+--                                   counts (req_sum, retry_sum, budget_at), retries_denied
 -- KEYS[2..n+1] lb:{pool}:b:<id>     each backend's hash, in the pool's order
--- ARGV[1]  now             caller's clock, seconds since the epoch
--- ARGV[2]  honour_blocks   1 (strategy `scored`) or 0 (`round_robin`: ignore blocks)
+-- ARGV[1]  now                 caller's clock, seconds since the epoch
+-- ARGV[2]  honour_blocks       1 (strategy `scored`) or 0 (`round_robin`: ignore blocks)
+-- ARGV[3]  flags               one character per backend, or empty for all '.':
+--                              '.' eligible, 'b' busy (at the caller's in-flight cap:
+--                              passed over like a blocked one), 'x' excluded (already
+--                              tried by this request: never picked)
+-- ARGV[4]  is_retry            1 when this pick is for a retry, else 0
+-- ARGV[5]  retry_budget        retries allowed as a share of recent requests...
+-- ARGV[6]  retry_budget_min    ...plus this many
+-- ARGV[7]  retry_budget_tau_s  time constant of the recent request and retry counts
 -- Returns  {index, panic}: the 0-based index of the picked backend, and 1 when
---          every backend was blocked and the lowest score was taken instead.
+--          every candidate was blocked or busy and the lowest score was taken
+--          instead; {-1, 0} when a retry is refused: over budget, or no backend
+--          left that this request has not tried.
 --
 -- Rules: the cursor moves one slot at a time. A blocked backend it passes loses
 -- one turn and is skipped. A block ends when its turns are used up *and* its
 -- minimum end time (block_until) has passed; the backend is then picked at once.
--- When every backend is blocked the request still goes somewhere: to the
--- lowest score, ties broken in cursor order (panic mode), and it is counted.
+-- When every candidate is blocked or busy the request still goes somewhere: to
+-- the lowest score, ties broken in cursor order (panic mode), and it is counted.
 -- The cursor is stored modulo n, so a change in n keeps it valid.
 local now = tonumber(ARGV[1])
 local honour_blocks = ARGV[2] == '1'
+local flags = ARGV[3]
+local is_retry = ARGV[4] == '1'
+local retry_budget = tonumber(ARGV[5])
+local retry_budget_min = tonumber(ARGV[6])
+local retry_budget_tau_s = tonumber(ARGV[7])
 
+local pool_key = KEYS[1]
 local n = #KEYS - 1
-local last = tonumber(redis.call('HGET', KEYS[1], 'cursor')) or -1
 
-local function take(index, panic)
-    redis.call('HSET', KEYS[1], 'cursor', index)
-    if panic == 1 then
-        redis.call('HINCRBY', KEYS[1], 'panic_picks', 1)
-    end
-    return {index, panic}
+local function num(value) return tonumber(value) or 0 end
+local function flag(index)
+    if flags == '' then return '.' end
+    return string.sub(flags, index + 1, index + 1)
 end
 
-if not honour_blocks then
-    return take((last + 1) % n, 0)
+-- The retry budget: decayed counts of first attempts and of retries.
+local budget = redis.call('HMGET', pool_key, 'cursor', 'req_sum', 'retry_sum', 'budget_at')
+local last = tonumber(budget[1]) or -1
+local budget_fade = math.exp(-math.max(0, now - num(budget[4])) / retry_budget_tau_s)
+local req_sum, retry_sum = num(budget[2]) * budget_fade, num(budget[3]) * budget_fade
+if is_retry and retry_sum + 1 > retry_budget * req_sum + retry_budget_min then
+    redis.call('HINCRBY', pool_key, 'retries_denied', 1)
+    return {-1, 0}
+end
+
+local function take(index, panic)
+    if is_retry then retry_sum = retry_sum + 1 else req_sum = req_sum + 1 end
+    redis.call('HSET', pool_key, 'cursor', index, 'req_sum', req_sum, 'retry_sum', retry_sum,
+               'budget_at', math.max(num(budget[4]), now))
+    if panic == 1 then
+        redis.call('HINCRBY', pool_key, 'panic_picks', 1)
+    end
+    return {index, panic}
 end
 
 for step = 1, n do
     local index = (last + step) % n
     local key = KEYS[index + 2]
-    local block = redis.call('HMGET', key, 'blocked_turns', 'block_until')
-    local turns = tonumber(block[1]) or 0
-    local block_until = tonumber(block[2]) or 0
-    if turns <= 0 and now >= block_until then
-        return take(index, 0)
+    local blocked = false
+    if honour_blocks then
+        local block = redis.call('HMGET', key, 'blocked_turns', 'block_until')
+        local turns = num(block[1])
+        blocked = turns > 0 or now < num(block[2])
+        if turns > 0 then
+            redis.call('HSET', key, 'blocked_turns', turns - 1)
+        end
     end
-    if turns > 0 then
-        redis.call('HSET', key, 'blocked_turns', turns - 1)
+    if not blocked and flag(index) == '.' then
+        return take(index, 0)
     end
 end
 
--- Panic: all blocked. The cursor's own order breaks ties, so equals still rotate.
+-- Panic: every candidate is blocked or busy. The cursor's own order breaks
+-- ties, so equals still rotate.
 local best, best_score = nil, nil
 for step = 1, n do
     local index = (last + step) % n
-    local score = tonumber(redis.call('HGET', KEYS[index + 2], 'score')) or 0
-    if best == nil or score < best_score then
-        best, best_score = index, score
+    if flag(index) ~= 'x' then
+        local score = num(redis.call('HGET', KEYS[index + 2], 'score'))
+        if best == nil or score < best_score then
+            best, best_score = index, score
+        end
     end
+end
+if best == nil then
+    return {-1, 0}
 end
 return take(best, 1)

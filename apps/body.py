@@ -1,0 +1,111 @@
+"""The client's request body: held in memory when small, streamed when large.
+
+A body up to `buffer` bytes is read whole, so a retry can send it again. A
+larger one (or a chunked upload that outgrows the buffer) is streamed to the
+backend in bounded memory: what was read so far, then the rest as it arrives.
+Either way the total is capped at `limit` (413 past it), with or without a
+Content-Length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import IO, Any, Iterator, Mapping
+
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
+
+CHUNK = 64 * 1024
+
+
+class ClientGone(BadRequest):
+    """The client stopped sending its body (disconnect or broken framing)."""
+
+    description = "the request body ended early or could not be read"
+
+
+@dataclass
+class RequestBody:
+    """A request body, whole (`complete`) or as a prefix plus the unread rest."""
+
+    prefix: bytes
+    complete: bool
+    length: int | None  # the declared Content-Length, None for a chunked upload
+    stream: IO[bytes] | None = None
+    limit: int = 0
+    started: bool = False  # streaming began: the body cannot be sent again
+
+    @classmethod
+    def read(cls, environ: Mapping[str, Any], limit: int, buffer: int) -> RequestBody:
+        """Read up to `buffer` bytes of the body; raise 413 when it is over `limit`."""
+        stream = environ["wsgi.input"]
+        raw_length = environ.get("CONTENT_LENGTH")
+        length = int(raw_length) if raw_length else None  # Gunicorn has checked it
+        if length is not None and length > limit:
+            raise RequestEntityTooLarge()
+        if length is None and not environ.get("wsgi.input_terminated"):
+            return cls(b"", True, None)  # no length and no chunked framing: no body
+        want = length if length is not None and length <= buffer else min(buffer + 1, limit + 1)
+        prefix = _read(stream, want)
+        if length is not None:
+            if length <= buffer:
+                if len(prefix) < length:
+                    raise ClientGone()
+                return cls(prefix, True, length)
+            return cls(prefix, False, length, stream, limit)
+        if len(prefix) > limit:
+            raise RequestEntityTooLarge()
+        if len(prefix) <= buffer:
+            return cls(prefix, True, None)
+        return cls(prefix, False, None, stream, limit)
+
+    @property
+    def replayable(self) -> bool:
+        """Whether the whole body can still be sent (again)."""
+        return self.complete or not self.started
+
+    def content_length(self) -> int | None:
+        """The Content-Length to send upstream; None means chunked."""
+        return len(self.prefix) if self.complete else self.length
+
+    def upstream(self) -> bytes | Iterator[bytes] | None:
+        """What to hand urllib3: the bytes, or an iterator that streams the rest once."""
+        if self.complete:
+            return self.prefix or None
+        return self._stream()
+
+    def _stream(self) -> Iterator[bytes]:
+        self.started = True
+        total = len(self.prefix)
+        if self.prefix:
+            yield self.prefix
+        while True:
+            want = CHUNK if self.length is None else min(CHUNK, self.length - total)
+            if want <= 0:
+                return
+            chunk = _read(self.stream, want)
+            if not chunk:
+                if self.length is not None:
+                    raise ClientGone()
+                return
+            total += len(chunk)
+            if total > self.limit:
+                raise RequestEntityTooLarge()
+            yield chunk
+
+
+def _read(stream: IO[bytes], size: int) -> bytes:
+    """Read up to `size` bytes; a client read error becomes ClientGone.
+
+    Not an OSError on purpose: urllib3 would take an OSError raised while
+    sending the body for the backend's failure.
+    """
+    chunks, got = [], 0
+    try:
+        while got < size:
+            chunk = stream.read(min(CHUNK, size - got))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except Exception as exc:
+        raise ClientGone() from exc
+    return b"".join(chunks)

@@ -1,0 +1,118 @@
+"""Where the pool's scripts run: Redis, or an in-process stand-in while Redis is away.
+
+The balancer must keep serving when Redis is unreachable or slow. Rather than a
+second copy of the rules in Python, the same Lua scripts then run on an
+in-process fakeredis server (with lupa): each worker keeps its own cursor and
+scores until Redis answers again. A background thread checks Redis every
+`retry_s` seconds, so no request waits on a dead Redis more than once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import fakeredis
+import redis
+from redis.commands.core import Script
+
+log = logging.getLogger("lb.store")
+
+
+class Store:
+    """Runs named Lua scripts on Redis, falling back to in-process state when allowed."""
+
+    def __init__(self, factory: Callable[[], redis.Redis], scripts: dict[str, str], *,
+                 degrade: bool = True, retry_s: float = 1.0,
+                 marker_dir: str | None = None) -> None:
+        self._factory = factory
+        self._sources = scripts
+        self._degrade = degrade
+        self._retry_s = retry_s
+        self._marker_dir = marker_dir
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._client: redis.Redis | None = None
+        self._scripts: dict[str, Script] = {}
+        self._local: redis.Redis | None = None
+        self.degraded = False
+
+    @property
+    def redis(self) -> redis.Redis:
+        """This process's Redis client, created on first use.
+
+        Created lazily and again after a fork, so a client is never shared
+        between Gunicorn's master and its workers, whatever `preload_app` says.
+        """
+        if self._client is None or self._pid != os.getpid():
+            with self._lock:
+                if self._client is None or self._pid != os.getpid():
+                    client = self._factory()
+                    self._scripts = {name: client.register_script(source)
+                                     for name, source in self._sources.items()}
+                    self._client, self._pid = client, os.getpid()
+                    self._local, self.degraded = None, False
+        return self._client
+
+    def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run script `name` on Redis, or on the in-process state while degraded."""
+        client = self.redis
+        script = self._scripts[name]
+        if not self.degraded:
+            try:
+                return script(keys=keys, args=args, client=client)
+            except redis.RedisError as exc:
+                if not self._degrade:
+                    raise
+                self._enter_degraded(exc)
+        return script(keys=keys, args=args, client=self._local_client())
+
+    def ping(self) -> bool:
+        """Whether Redis answers now."""
+        try:
+            return bool(self.redis.ping())
+        except redis.RedisError:
+            return False
+
+    def _local_client(self) -> redis.Redis:
+        if self._local is None:
+            # A fresh server per process: its scripts and keys are this worker's own.
+            self._local = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        return self._local
+
+    def _enter_degraded(self, exc: Exception) -> None:
+        with self._lock:
+            if self.degraded:
+                return
+            self.degraded = True
+        log.warning("Redis unreachable (%s): serving from this process's own state "
+                    "until it is back", exc)
+        self._mark(True)
+        threading.Thread(target=self._wait_for_redis, name="lb-redis-check",
+                         daemon=True).start()
+
+    def _wait_for_redis(self) -> None:
+        stop = threading.Event()
+        while not stop.wait(self._retry_s):
+            if self.ping():
+                # Connections opened before an outage may be dead: start afresh.
+                self.redis.connection_pool.disconnect()
+                log.warning("Redis is back: shared state again")
+                self._mark(False)
+                self.degraded = False
+                return
+
+    def _mark(self, degraded: bool) -> None:
+        """Leave a marker file while degraded, so the admin listener can show it."""
+        if not self._marker_dir:
+            return
+        marker = Path(self._marker_dir) / f"degraded-{os.getpid()}"
+        try:
+            if degraded:
+                marker.write_text("")
+            else:
+                marker.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot update %s: %s", marker, exc)
