@@ -63,8 +63,10 @@ class RequestBody:
         return self.complete or not self.started
 
     def content_length(self) -> int | None:
-        """The Content-Length to send upstream; None means chunked."""
-        return len(self.prefix) if self.complete else self.length
+        """The Content-Length to send upstream; None means none (no body, or chunked)."""
+        if self.complete:
+            return len(self.prefix) if self.prefix or self.length is not None else None
+        return self.length
 
     def upstream(self) -> bytes | Iterator[bytes] | None:
         """What to hand urllib3: the bytes, or an iterator that streams the rest once."""

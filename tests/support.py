@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import sys
 import time
 from dataclasses import dataclass, field
@@ -124,3 +125,53 @@ def start_balancer(backends: list[str], redis_url: str, log_dir: Path, *,
     argv = [str(BIN / "gunicorn"), "-c", "gunicorn_conf.py", "apps.proxy:create_app()"]
     proc = spawn(name, argv, settings, log_dir, [port, admin_port])
     return proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+
+
+@dataclass
+class Result:
+    """One client request's fate, as the client saw it."""
+
+    index: int
+    status: int | None       # None when the client got no HTTP answer at all
+    body_ok: bool            # the answer echoed the request's own body
+    upstream: str | None
+    elapsed: float
+    error: str | None = None
+
+
+def fire(url: str, total: int, clients: int, method: str = "PUT",
+         done: "threading.Event | None" = None, progress: "list | None" = None,
+         timeout: float = 30, keepalive: bool = True) -> list[Result]:
+    """Send `total` echo requests from `clients` threads (one session each).
+
+    Without `keepalive` every request opens a new connection, so each Gunicorn
+    worker gets a share (a kept-alive connection stays with one worker)."""
+    import requests
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = threading.local()
+
+    def one(i: int) -> Result:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        body = f'{{"request": {i}}}'.encode()
+        started = time.monotonic()
+        try:
+            headers = {"Content-Type": "application/json"}
+            if not keepalive:
+                headers["Connection"] = "close"
+            response = local.session.request(method, f"{url}/load/{i}", data=body,
+                                             timeout=timeout, headers=headers)
+            result = Result(i, response.status_code, response.content == body,
+                            response.headers.get("X-Upstream"), time.monotonic() - started)
+        except requests.RequestException as exc:
+            result = Result(i, None, False, None, time.monotonic() - started, repr(exc))
+        if progress is not None:
+            progress.append(i)
+        return result
+
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(one, range(total)))
+    if done is not None:
+        done.set()
+    return results

@@ -272,3 +272,14 @@ def test_without_redis_the_balancer_serves_degraded(echoes, log_dir):
     finally:
         proc.stop()
     assert proc.output().count("Redis unreachable") == 1  # the switch is logged once
+
+
+def test_host_and_forwarded_headers_cannot_choose_the_address(via_reflect, reflect):
+    response = requests.get(f"{via_reflect}/meta", timeout=10, headers={
+        "Host": "169.254.169.254", "X-Forwarded-For": "10.0.0.1",
+        "X-Forwarded-Host": "169.254.169.254", "Forwarded": "for=10.0.0.1;host=evil"})
+    assert response.headers["X-Upstream"] == reflect.removeprefix("http://")
+    seen = dict(response.json()["headers"])
+    assert seen["Host"] == reflect.removeprefix("http://")
+    assert seen["X-Forwarded-Host"] == "169.254.169.254"  # passed on as information only
+    assert seen["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"

@@ -451,3 +451,50 @@ def test_round_robin_ignores_scores_but_keeps_them(any_redis, clock):
     assert report(pool, 1, status=500) == (25, 0)
     assert ports(pool, 3) == [9001, 9002, 9003]
     assert state(pool, 1)["score"] == 25
+
+
+# --- flags from the caller: tried and busy backends ------------------------------
+
+def test_a_tried_backend_is_never_picked_again(any_redis, clock):
+    pool = make_pool(any_redis, clock)
+    assert pool.pick("x..", retry=True).port == 9002
+    assert pool.pick(".xx", retry=True).port == 9001
+    assert pool.pick("xxx", retry=True) is None
+
+
+def test_a_busy_backend_is_passed_over_like_a_blocked_one(any_redis, clock):
+    pool = make_pool(any_redis, clock)
+    assert ports(pool, 1) == [9001]
+    assert pool.pick(".b.").port == 9003
+    assert pool.status()["panic_picks"] == 0
+
+
+def test_when_every_backend_is_busy_the_request_still_goes_out(any_redis, clock):
+    pool = make_pool(any_redis, clock)
+    report(pool, 0, status=500)  # scores 8, 0, 0
+    assert pool.pick("bbb").port == 9002  # the lowest score, in cursor order
+    assert pool.pick("bbx").port == 9002
+    assert pool.status()["panic_picks"] == 2
+
+
+def test_round_robin_also_skips_tried_and_busy_backends(any_redis, clock):
+    pool = make_pool(any_redis, clock, LB_STRATEGY="round_robin")
+    assert pool.pick("xb.", retry=True).port == 9003
+
+
+def test_the_retry_budget_allows_a_few_then_a_share_of_recent_requests(any_redis, clock):
+    pool = make_pool(any_redis, clock, LB_RETRY_BUDGET="0.2", LB_RETRY_BUDGET_MIN="3")
+    # No traffic yet: the minimum of 3 retries, then no more.
+    assert [pool.pick(retry=True) is not None for _ in range(4)] == [True] * 3 + [False]
+    for _ in range(20):
+        pool.pick()
+    # 20 requests earn 20 % = 4 retries on top of the 3 already used... 3 + 4 = 7 in all.
+    assert [pool.pick(retry=True) is not None for _ in range(5)] == [True] * 4 + [False]
+    assert pool.status()["retries_denied"] == 2
+
+
+def test_the_retry_budget_recovers_with_time(any_redis, clock):
+    pool = make_pool(any_redis, clock, LB_RETRY_BUDGET="0", LB_RETRY_BUDGET_MIN="2")
+    assert [pool.pick(retry=True) is not None for _ in range(3)] == [True, True, False]
+    clock.advance(100)  # ten time constants: the old retries have faded
+    assert pool.pick(retry=True) is not None

@@ -63,3 +63,16 @@ def test_response_headers_drop_hop_by_hop_and_keep_repeats():
 
 def test_connection_tokens_are_case_insensitive():
     assert "x-a" in hop_by_hop([("connection", "X-A")])
+
+
+def test_in_flight_flags_mark_tried_and_busy_backends():
+    from apps.upstream import InFlight
+    backends = load_settings(environ={}).backends
+    inflight = InFlight(backends, cap=2)
+    assert inflight.flags([]) == ""  # all eligible: nothing to say
+    inflight.acquire(backends[1])
+    inflight.acquire(backends[1])
+    assert inflight.flags([]) == ".b."
+    assert inflight.flags([backends[0]]) == "xb."
+    inflight.release(backends[1])
+    assert inflight.flags([backends[2]]) == "..x"

@@ -1,0 +1,87 @@
+"""The admin listener's endpoints, through Flask's test client on fakeredis."""
+from __future__ import annotations
+
+import logging
+
+import fakeredis
+import pytest
+
+from apps.admin import create_app, redacted
+from scorer.pool import Outcome, Pool
+from scorer.settings import load_settings
+
+TOKEN = "s3cret-token"
+
+
+def make_admin(token: str = TOKEN, workers=lambda: [101, 102]):
+    config = {"LB_ADMIN_TOKEN": token, "LB_ERROR_POINTS": "25"}
+    settings = load_settings(environ={}, overrides=config)
+    server = fakeredis.FakeServer()
+    pool = Pool(settings, redis_factory=lambda: fakeredis.FakeRedis(server=server))
+    return create_app(config, pool=pool, workers=workers).test_client(), pool
+
+
+def blocked_backend(pool: Pool):
+    backend = pool.backends[1]
+    pool.report(Outcome(backend, 0.01, status=500))
+    assert pool.status()["backends"][1]["blocked"]
+    return backend
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"Basic {TOKEN}", "Bearer "])
+def test_reset_rejects_a_missing_or_wrong_token(authorization):
+    client, pool = make_admin()
+    backend = blocked_backend(pool)
+    headers = {"Authorization": authorization} if authorization else {}
+    response = client.post(f"/backends/{backend.id}/reset", headers=headers)
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert TOKEN not in response.get_data(as_text=True)
+    assert pool.status()["backends"][1]["blocked"]
+
+
+def test_reset_with_the_right_token_clears_score_and_block(caplog):
+    client, pool = make_admin()
+    backend = blocked_backend(pool)
+    with caplog.at_level(logging.DEBUG):
+        response = client.post(f"/backends/{backend.id}/reset",
+                               headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200 and response.get_json() == {"reset": backend.id}
+    state = pool.status()["backends"][1]
+    assert not state["blocked"] and state["score"] == 0 and state["error_rate"] is None
+    assert state["requests"] == 1  # counters stay
+    assert TOKEN not in caplog.text
+
+
+def test_reset_is_off_without_a_token():
+    client, pool = make_admin(token="")
+    response = client.post(f"/backends/{pool.backends[0].id}/reset",
+                           headers={"Authorization": "Bearer "})
+    assert response.status_code == 403 and "LB_ADMIN_TOKEN" in response.get_json()["error"]
+
+
+def test_reset_of_an_unknown_backend_is_404():
+    client, _ = make_admin()
+    response = client.post("/backends/10.9.9.9:1/reset",
+                           headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 404
+
+
+def test_status_shows_scores_and_never_the_token():
+    client, pool = make_admin()
+    blocked_backend(pool)
+    status = client.get("/status").get_json()
+    assert status["workers"] == 2 and status["mode"] == "shared"
+    assert status["backends"][1]["block_reason"].startswith("score 25.0 reached 20")
+    assert TOKEN not in client.get("/status").get_data(as_text=True)
+
+
+def test_ready_needs_a_worker():
+    client, _ = make_admin(workers=lambda: [])
+    assert client.get("/ready").status_code == 503
+
+
+def test_redis_passwords_are_redacted():
+    assert redacted("redis://:pw@host:6379/0") == "redis://:***@host:6379/0"
+    assert redacted("redis://user:pw@host/0") == "redis://user:***@host/0"
+    assert redacted("redis://host/0") == "redis://host/0"

@@ -1,0 +1,87 @@
+"""The request body: held whole when small, streamed when large, capped either way."""
+from __future__ import annotations
+
+import io
+
+import pytest
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from apps.body import ClientGone, RequestBody
+
+
+def environ(data: bytes, *, length: int | None = None, chunked: bool = False,
+            stream: io.RawIOBase | None = None) -> dict:
+    env = {"wsgi.input": stream or io.BytesIO(data), "wsgi.input_terminated": chunked}
+    if length is not None:
+        env["CONTENT_LENGTH"] = str(length)
+    return env
+
+
+def sent(body: RequestBody) -> bytes:
+    out = body.upstream()
+    return out if isinstance(out, bytes) or out is None else b"".join(out)
+
+
+def test_no_body():
+    body = RequestBody.read(environ(b""), limit=100, buffer=10)
+    assert body.complete and body.upstream() is None and body.content_length() is None
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_small_body_is_held_whole_and_can_be_sent_again(chunked):
+    data = b'{"a": 1}'
+    body = RequestBody.read(environ(data, length=None if chunked else len(data), chunked=chunked),
+                            limit=100, buffer=10)
+    assert body.complete and body.replayable
+    assert body.upstream() == data and body.upstream() == data
+    assert body.content_length() == len(data)
+
+
+def test_a_large_body_with_a_length_is_streamed_once():
+    data = bytes(range(256)) * 1000
+    body = RequestBody.read(environ(data, length=len(data)), limit=10**6, buffer=1000)
+    assert not body.complete and body.replayable and body.content_length() == len(data)
+    assert sent(body) == data
+    assert not body.replayable
+
+
+def test_a_large_chunked_body_is_streamed_without_a_length():
+    data = b"x" * 300_000
+    body = RequestBody.read(environ(data, chunked=True), limit=10**6, buffer=1000)
+    assert body.content_length() is None  # urllib3 sends it chunked
+    assert sent(body) == data
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_reading():
+    stream = io.BytesIO(b"never read")
+    with pytest.raises(RequestEntityTooLarge):
+        RequestBody.read(environ(b"", length=101, stream=stream), limit=100, buffer=10)
+    assert stream.tell() == 0
+
+
+def test_a_small_chunked_body_over_the_limit_is_refused():
+    with pytest.raises(RequestEntityTooLarge):
+        RequestBody.read(environ(b"x" * 101, chunked=True), limit=100, buffer=1000)
+
+
+def test_a_streamed_chunked_body_over_the_limit_is_refused_mid_stream():
+    body = RequestBody.read(environ(b"x" * 5000, chunked=True), limit=4000, buffer=1000)
+    with pytest.raises(RequestEntityTooLarge):
+        sent(body)
+
+
+@pytest.mark.parametrize("buffer", [1000, 10])
+def test_a_body_shorter_than_its_length_means_the_client_left(buffer):
+    with pytest.raises(ClientGone):
+        sent(RequestBody.read(environ(b"x" * 50, length=100), limit=1000, buffer=buffer))
+
+
+class Broken(io.RawIOBase):
+    def read(self, size=-1):
+        raise OSError("connection reset by peer")
+
+
+def test_a_read_error_is_the_clients_not_the_backends():
+    with pytest.raises(ClientGone) as caught:
+        RequestBody.read(environ(b"", length=10, stream=Broken()), limit=100, buffer=100)
+    assert not isinstance(caught.value, OSError)  # urllib3 would blame the backend

@@ -1,0 +1,77 @@
+"""Degraded mode: when Redis goes away the same scripts run in-process, then Redis again."""
+from __future__ import annotations
+
+import logging
+import signal
+
+import pytest
+import redis
+
+from scorer.pool import Outcome, Pool, pool_key
+from scorer.redis_server import server_command
+from scorer.settings import load_settings
+from tests.support import free_port, spawn, wait_for
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A real Redis this test may stop and start again on the same port."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def start():
+        proc = spawn(f"redis-{port}", server_command(port), {}, tmp_path, [port])
+        wait_for(lambda: redis.Redis.from_url(url).ping(), what="redis")
+        return proc
+
+    procs = [start()]
+    yield url, procs, start
+    for proc in procs:
+        proc.stop()
+
+
+def test_picks_go_on_while_redis_is_down_and_return_to_it(own_redis, tmp_path, caplog):
+    url, procs, start = own_redis
+    settings = load_settings(environ={"REDIS_URL": url, "LB_POOL": "s",
+                                      "LB_REDIS_RETRY_S": "0.1"})
+    pool = Pool(settings, marker_dir=str(tmp_path))
+    assert [pool.pick().port for _ in range(2)] == [9001, 9002]
+    procs.pop().stop(signal.SIGKILL)
+
+    with caplog.at_level(logging.WARNING, logger="lb.store"):
+        picks = [pool.pick().port for _ in range(4)]
+        pool.report(Outcome(pool.backends[0], 0.01, status=200))
+    # This process's own round robin: it starts afresh, and still rotates.
+    assert picks == [9001, 9002, 9003, 9001]
+    assert pool.store.degraded
+    assert sum("unreachable" in r.message for r in caplog.records) == 1  # logged once
+    assert list(tmp_path.glob("degraded-*"))
+
+    procs.append(start())  # a restarted Redis: no keys, no scripts
+    wait_for(lambda: not pool.store.degraded, what="back to Redis")
+    assert not list(tmp_path.glob("degraded-*"))
+    assert pool.pick().port == 9001  # the pool is rebuilt from configuration
+    assert redis.Redis.from_url(url).hget(pool_key("s"), "cursor") == b"0"
+
+
+def test_a_hanging_redis_costs_one_short_timeout(own_redis):
+    url, procs, _ = own_redis
+    settings = load_settings(environ={"REDIS_URL": url, "LB_REDIS_RETRY_S": "0.1",
+                                      "LB_REDIS_TIMEOUT": "0.2"})
+    pool = Pool(settings)
+    pool.pick()
+    procs[0].popen.send_signal(signal.SIGSTOP)
+    try:
+        assert pool.pick() is not None and pool.store.degraded
+        assert pool.pick() is not None  # no more waiting on Redis
+    finally:
+        procs[0].popen.send_signal(signal.SIGCONT)
+    wait_for(lambda: not pool.store.degraded, what="back to Redis")
+
+
+def test_without_degrading_redis_errors_surface(own_redis):
+    url, procs, _ = own_redis
+    pool = Pool(load_settings(environ={"REDIS_URL": url}), degrade=False)
+    procs.pop().stop(signal.SIGKILL)
+    with pytest.raises(redis.RedisError):
+        pool.pick()
