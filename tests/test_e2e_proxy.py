@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import socket
 import threading
@@ -49,8 +50,11 @@ def balancer(echoes, redis_server, log_dir):
 
 @pytest.fixture(scope="module")
 def via_reflect(reflect, redis_server, log_dir):
+    # A small retry buffer, so that uploads past 16 KiB are streamed.
     proc, url, _ = start_balancer([reflect], redis_server, log_dir, workers=2, threads=4,
-                                  name="proxy-reflect", env={"LB_READ_TIMEOUT": "1"})
+                                  name="proxy-reflect",
+                                  env={"LB_READ_TIMEOUT": "1", "LB_RETRY_BUFFER": "16k",
+                                       "LB_MAX_BODY": "3m"})
     yield url
     proc.stop()
 
@@ -133,13 +137,29 @@ def test_a_body_just_under_the_limit_passes_intact(balancer):
     assert response.status_code == 200 and response.content == body
 
 
-def test_chunked_upload_arrives_whole(via_reflect):
-    body = b"0123456789" * 5000
+def test_a_small_chunked_upload_is_sent_whole_with_a_length(via_reflect):
+    body = b"0123456789" * 1000  # under the 16 KiB retry buffer
     response = requests.put(f"{via_reflect}/upload", data=iter([body[:7], body[7:]]), timeout=10)
     seen = response.json()
     assert seen["method"] == "PUT" and seen["body_length"] == len(body)
     assert dict(seen["headers"])["Content-Length"] == str(len(body))
     assert "Transfer-Encoding" not in dict(seen["headers"])
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_large_uploads_stream_through_intact(via_reflect, chunked):
+    body = bytes(range(256)) * 8000  # 2 MB, far past the 16 KiB buffer
+    data = iter(body[i:i + 100_000] for i in range(0, len(body), 100_000)) if chunked else body
+    seen = requests.post(f"{via_reflect}/upload", data=data, timeout=30).json()
+    assert seen["body_length"] == len(body)
+    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert dict(seen["headers"]).get("Transfer-Encoding") == ("chunked" if chunked else None)
+
+
+def test_a_streamed_upload_past_the_limit_gets_413(via_reflect):
+    chunks = iter([b"x" * 1_000_000] * 4)  # 4 MB against a 3 MB limit, no length given
+    response = requests.post(f"{via_reflect}/upload", data=chunks, timeout=30)
+    assert response.status_code == 413 and response.json()["source"] == "balancer"
 
 
 def test_path_query_and_headers_are_forwarded(via_reflect, reflect):
