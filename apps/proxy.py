@@ -24,8 +24,8 @@ from apps.body import RequestBody
 from apps.errors import json_error, register_json_errors
 from apps.retry import may_retry
 from apps.upstream import (
-    STREAM_CHUNK, InFlight, UpstreamError, Upstreams, client_response_headers, read_capped,
-    read_or_stream, request_target, upstream_request_headers,
+    STREAM_CHUNK, BodyStream, InFlight, UpstreamError, Upstreams, client_response_headers,
+    has_no_body, read_capped, request_target, start_stream, upstream_request_headers,
 )
 from scorer.pool import TIMEOUT, Outcome, Pool
 from scorer.settings import Backend, Settings, load_settings
@@ -141,34 +141,56 @@ class Forwarder:
             upstream = self.upstreams.send(backend, req.method, target, headers,
                                            body.upstream(), timeout)
         except UpstreamError as err:
-            self.inflight.release(backend)
-            self.report(Outcome(backend, time.monotonic() - started, error=err.kind))
-            log.warning("%s %s -> %s: %s", req.method, req.path, backend.id, err)
-            return Failure(backend, error=err)
+            return self.failed(req, backend, err, time.monotonic() - started)
         except BaseException:  # the client's body was too large or broke off
             self.inflight.release(backend)
             raise
         latency = time.monotonic() - started
-        done = lambda: self.inflight.release(backend)  # noqa: E731
-        retryable = upstream.status in settings.retry_on_status
+        status = upstream.status
+        retryable = status in settings.retry_on_status
+        length = upstream.headers.get("Content-Length", "")
         try:
-            # A retryable answer is kept whole (if small) in case no retry follows.
-            content = read_capped(upstream, STREAM_CHUNK, done) if retryable else \
-                read_or_stream(upstream, done)
+            if retryable or has_no_body(req.method, status) or (
+                    length.isdigit() and int(length) <= STREAM_CHUNK):
+                # Small bodies are read whole; a retryable answer is kept (if small)
+                # to relay in case no retry follows.
+                content: bytes | BodyStream | None = read_capped(upstream, STREAM_CHUNK)
+                self.inflight.release(backend)
+                self.report(Outcome(backend, latency, status=status))
+            else:
+                content = BodyStream(upstream, start_stream(upstream),
+                                     on_end=lambda err: self.stream_ended(backend, latency,
+                                                                          status, err))
         except UpstreamError as err:
-            self.report(Outcome(backend, latency, error=err.kind))
-            return Failure(backend, error=err)
-        self.report(Outcome(backend, latency, status=upstream.status))
+            return self.failed(req, backend, err, latency)
         if content is None:
-            response = json_error(502, f"upstream {backend.id} answered {upstream.status}",
+            response = json_error(502, f"upstream {backend.id} answered {status}",
                                   source=SOURCE, upstream=backend.id)
             response.headers["X-Upstream"] = backend.id
         else:
             response_headers = client_response_headers(upstream.headers.iteritems())
             response_headers.append(("X-Upstream", backend.id))
-            response = UpstreamResponse(content, status=upstream.status,
-                                        headers=response_headers, direct_passthrough=True)
+            response = UpstreamResponse(content, status=status, headers=response_headers,
+                                        direct_passthrough=True)
         return Failure(backend, response=response) if retryable else response
+
+    def failed(self, req: Request, backend: Backend, err: UpstreamError,
+               latency: float) -> Failure:
+        """Book an attempt that got no usable answer."""
+        self.inflight.release(backend)
+        self.report(Outcome(backend, latency, error=err.kind))
+        log.warning("%s %s -> %s: %s", req.method, req.path, backend.id, err)
+        return Failure(backend, error=err)
+
+    def stream_ended(self, backend: Backend, latency: float, status: int,
+                     err: UpstreamError | None) -> None:
+        """A streamed body is done with: free the slot, and report the attempt once."""
+        self.inflight.release(backend)
+        if err is None:
+            self.report(Outcome(backend, latency, status=status))
+        else:
+            self.report(Outcome(backend, latency, error=err.kind))
+            log.warning("upstream %s broke off a streamed body: %s", backend.id, err)
 
     def report(self, outcome: Outcome) -> None:
         try:

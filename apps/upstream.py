@@ -13,14 +13,17 @@ backend.
 """
 from __future__ import annotations
 
+import errno
+import http.client
 import threading
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import urllib3
 from urllib3.exceptions import (
-    HTTPError, NewConnectionError, ProtocolError, ReadTimeoutError, ConnectTimeoutError,
+    ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError, ReadTimeoutError, SSLError,
 )
+from urllib3.util import SKIP_HEADER
 
 from scorer.pool import CONNECT, PROTOCOL, TIMEOUT
 from scorer.settings import Backend, Settings
@@ -30,11 +33,13 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "te", "trailer",
     "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization",
 })
-# Set afresh by the balancer, so a client cannot forge them.
-REPLACED_REQUEST_HEADERS = frozenset({"host", "x-forwarded-proto", "x-forwarded-host"})
+# Set afresh by the balancer, so a client cannot forge them; and Expect, since
+# the balancer has already taken the body (or is streaming it) by then.
+REPLACED_REQUEST_HEADERS = frozenset({"host", "x-forwarded-proto", "x-forwarded-host", "expect"})
 # The balancer's own server sends these; forwarding the backend's would
 # duplicate them (as nginx's proxy_hide_header does by default).
 REPLACED_RESPONSE_HEADERS = frozenset({"date", "server"})
+NO_RETRIES = urllib3.Retry(False)
 # Bodies whose length is known and at most this big are read in one go;
 # larger or unknown ones are streamed to the client in chunks of this size.
 STREAM_CHUNK = 64 * 1024
@@ -54,7 +59,7 @@ def request_target(raw_uri: str) -> str:
     An absolute-form target (`GET http://other/x`) keeps only its path and
     query: the balancer, not the client, chooses where a request goes.
     """
-    if raw_uri.startswith("/"):
+    if raw_uri.startswith("/") or raw_uri == "*":  # "*": OPTIONS * asks the server itself
         return raw_uri
     parts = urlsplit(raw_uri)
     target = parts.path or "/"
@@ -85,7 +90,7 @@ def upstream_request_headers(headers: Iterable[tuple[str, str]], *, backend: Bac
     if client_host:
         out["X-Forwarded-Host"] = client_host
     default_port = 443 if backend.scheme == "https" else 80
-    own_host = backend.host if backend.port == default_port else backend.id
+    own_host = backend.netloc_host if backend.port == default_port else backend.id
     out["Host"] = client_host if preserve_host and client_host else own_host
     return out
 
@@ -94,6 +99,10 @@ def client_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[st
     """The backend's response headers to pass on: all but hop-by-hop and Date/Server."""
     headers = list(headers)
     skip = hop_by_hop(headers) | REPLACED_RESPONSE_HEADERS
+    if any(name.lower() == "transfer-encoding" for name, _ in headers):
+        # Chunked framing overrides a Content-Length (RFC 9112 6.3): passing the
+        # length on would make the client cut the body short.
+        skip = skip | {"content-length"}
     return [(name, value) for name, value in headers if name.lower() not in skip]
 
 
@@ -117,6 +126,8 @@ def classify(exc: HTTPError) -> UpstreamError:
         return UpstreamError(CONNECT, "connection refused or unreachable", delivered=False)
     if isinstance(exc, ConnectTimeoutError):
         return UpstreamError(TIMEOUT, "timed out connecting", delivered=False)
+    if isinstance(exc, SSLError):
+        return UpstreamError(CONNECT, f"TLS handshake failed: {exc}", delivered=False)
     if isinstance(exc, ReadTimeoutError):
         return UpstreamError(TIMEOUT, "timed out waiting for an answer")
     if isinstance(exc, ProtocolError):
@@ -138,68 +149,54 @@ class Upstreams:
     def send(self, backend: Backend, method: str, target: str, headers: Mapping[str, str],
              body: bytes | Iterator[bytes] | None,
              timeout: urllib3.Timeout) -> urllib3.BaseHTTPResponse:
-        """Send one request and return once the response head has arrived.
+        """Send one request and return once the final response head has arrived.
 
         Raises UpstreamError when no HTTP answer came back. The body is left
         unread and undecoded: the caller streams it on as it came.
+
+        `urlopen` would percent-encode the target (`%zz` becomes `%25zz`), so
+        the request goes through the pool's own `_make_request` with the target
+        exactly as the client sent it (urllib3 is pinned for this).
         """
+        pool = self._pools[backend.id]
+        headers = dict(headers)
+        for name in ("User-Agent", "Accept-Encoding"):  # urllib3 would add its own
+            if not any(h.lower() == name.lower() for h in headers):
+                headers[name] = SKIP_HEADER
+        conn = pool._get_conn()
         try:
-            return self._pools[backend.id].urlopen(
-                method, target, body=body, headers=headers, timeout=timeout,
-                retries=False, redirect=False, assert_same_host=False,
+            response = pool._make_request(
+                conn, method, target, body=body, headers=headers, timeout=timeout,
+                retries=NO_RETRIES, response_conn=conn,
                 preload_content=False, decode_content=False)
-        except HTTPError as exc:
-            raise classify(exc) from exc
+        except BaseException as exc:
+            conn.close()
+            pool._put_conn(None)  # the pool's slot comes back; the connection does not
+            if isinstance(exc, HTTPError):
+                raise classify(exc) from exc
+            if isinstance(exc, (OSError, http.client.HTTPException)):
+                raise classify(ProtocolError("Connection aborted.", exc)) from exc
+            raise
+        if response.status < 200:
+            # http.client skips only 100 Continue; a 102/103 would pass for the answer.
+            discard(response)
+            raise UpstreamError(PROTOCOL, f"interim answer {response.status} is not supported")
+        return response
 
 
-def read_or_stream(response: urllib3.BaseHTTPResponse,
-                   done: Callable[[], None] = lambda: None) -> bytes | Iterator[bytes]:
-    """The response body: bytes when small and of known length, else a chunk iterator.
-
-    Raises UpstreamError when a small body breaks off before its end. `done`
-    runs once the body is finished with, read or abandoned.
-    The connection goes back to the pool only once the body is fully read; a
-    body abandoned half-way (the client left) closes its connection instead,
-    so no later request can read its leftovers.
-    """
-    length = response.headers.get("Content-Length", "")
-    if response.status in (204, 304) or (length.isdigit() and int(length) <= STREAM_CHUNK):
-        try:
-            body = response.read(decode_content=False)
-        except HTTPError as exc:
-            response.close()
-            raise classify(exc) from exc
-        finally:
-            response.release_conn()
-            done()
-        return body
-    return _stream(response, done)
+def has_no_body(method: str, status: int) -> bool:
+    """Answers that never carry a body, whatever their Content-Length says."""
+    return method == "HEAD" or status in (204, 304)
 
 
-def _stream(response: urllib3.BaseHTTPResponse, done: Callable[[], None]) -> Iterator[bytes]:
-    finished = False
-    try:
-        yield from response.stream(STREAM_CHUNK, decode_content=False)
-        finished = True
-    finally:
-        if not finished:
-            response.close()
-        response.release_conn()
-        done()
-
-
-def read_capped(response: urllib3.BaseHTTPResponse, cap: int,
-                done: Callable[[], None] = lambda: None) -> bytes | None:
+def read_capped(response: urllib3.BaseHTTPResponse, cap: int) -> bytes | None:
     """The whole body if it is at most `cap` bytes, else None (the rest is dropped).
 
     Raises UpstreamError when the body breaks off before its end.
     """
     try:
         body = response.read(cap + 1, decode_content=False)
-        if len(body) > cap:
-            response.close()
-            return None
-        if response.read(1, decode_content=False):  # read(amt) may stop short of EOF
+        if len(body) > cap or response.read(1, decode_content=False):
             response.close()
             return None
         return body
@@ -208,7 +205,68 @@ def read_capped(response: urllib3.BaseHTTPResponse, cap: int,
         raise classify(exc) from exc
     finally:
         response.release_conn()
-        done()
+
+
+def start_stream(response: urllib3.BaseHTTPResponse) -> tuple[bytes, Iterator[bytes]]:
+    """The first piece of a body to be streamed, and the iterator for the rest.
+
+    Reading the first piece before answering means a backend that fails right
+    after its head still gets a clean 502/504 and a retry. Raises UpstreamError.
+    """
+    pieces = response.stream(STREAM_CHUNK, decode_content=False)
+    try:
+        return next(pieces, b""), pieces
+    except HTTPError as exc:
+        discard(response)
+        raise classify(exc) from exc
+
+
+class BodyStream:
+    """A response body relayed piece by piece.
+
+    `on_end` runs exactly once, with None or the UpstreamError that cut the
+    body short: when the body is done, or when the WSGI server closes the
+    stream (the client left), even if it was never iterated (a HEAD answer).
+    """
+
+    def __init__(self, response: urllib3.BaseHTTPResponse,
+                 start: tuple[bytes, Iterator[bytes]],
+                 on_end: Callable[[UpstreamError | None], None]) -> None:
+        self._response = response
+        self._first, self._rest = start
+        self._on_end = on_end
+        self._ended = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            if self._first:
+                yield self._first
+            yield from self._rest
+        except HTTPError as exc:
+            error = classify(exc)
+            self._end(error, complete=False)
+            # Ending quietly would let Gunicorn close a chunked body as if it were
+            # whole; a reset drops the client's connection (Gunicorn logs it at debug).
+            raise ConnectionResetError(errno.ECONNRESET, f"upstream broke off: {error}") from exc
+        self._end(None, complete=True)
+
+    def close(self) -> None:
+        self._end(None, complete=False)
+
+    def _end(self, error: UpstreamError | None, complete: bool) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if not complete:  # leftovers must not reach the next request on this connection
+            self._response.close()
+        self._response.release_conn()
+        self._on_end(error)
+
+
+def discard(response: urllib3.BaseHTTPResponse) -> None:
+    """Throw away a response that will not be relayed, and free its connection."""
+    response.close()
+    response.release_conn()
 
 
 class InFlight:

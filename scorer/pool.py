@@ -69,7 +69,7 @@ def connect(settings: Settings) -> redis.Redis:
 
 
 # What an admin reset clears: score, block and the decayed history behind them.
-RESET_FIELDS = ("score", "blocked_turns", "block_until", "block_level", "updated_at",
+RESET_FIELDS = ("score", "in_block", "blocked_turns", "block_until", "block_level", "updated_at",
                 "lat_sum", "lat_weight", "err_sum", "err_weight")
 
 # The settings report.lua reads, in its ARGV order (ARGV[7] onwards).
@@ -152,14 +152,13 @@ class Pool:
     def status(self) -> dict[str, Any]:
         """The pool as the admin listener shows it (values as of each last report)."""
         pool, backends = self.raw_state()
-        now = self.clock()
         return {
             "latency_avg_ms": _ratio(pool, "avg_sum", "avg_weight"),
             "error_rate": _ratio(pool, "err_sum", "err_weight"),
             "panic_picks": int(pool.get("panic_picks", 0)),
             "blocks_deferred": int(pool.get("blocks_deferred", 0)),
             "retries_denied": int(pool.get("retries_denied", 0)),
-            "backends": [{"id": b.id, "url": b.url, **describe_backend(backends[b.id], now)}
+            "backends": [{"id": b.id, "url": b.url, **describe_backend(backends[b.id])}
                          for b in self.backends],
         }
 
@@ -172,11 +171,12 @@ def _ratio(state: Mapping[str, str], total: str, weight: str) -> float | None:
     return _number(state, total) / _number(state, weight) if _number(state, weight) else None
 
 
-def describe_backend(state: Mapping[str, str], now: float) -> dict[str, Any]:
+def describe_backend(state: Mapping[str, str]) -> dict[str, Any]:
     """One backend's stored state in readable form."""
     turns, block_until = int(_number(state, "blocked_turns")), _number(state, "block_until")
     return {
-        "blocked": turns > 0 or now < block_until,
+        # Until the cursor finds the block over (see pick.lua), even past its end.
+        "blocked": state.get("in_block") == "1",
         "score": round(_number(state, "score"), 3),
         "latency_ms": _ratio(state, "lat_sum", "lat_weight"),
         "error_rate": _ratio(state, "err_sum", "err_weight"),

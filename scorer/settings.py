@@ -33,8 +33,13 @@ class Backend:
     port: int
 
     @property
+    def netloc_host(self) -> str:
+        """The host as it appears in a URL or Host header: IPv6 literals in brackets."""
+        return f"[{self.host}]" if ":" in self.host else self.host
+
+    @property
     def id(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"{self.netloc_host}:{self.port}"
 
 
 # --- parsers: each turns one raw string into a value or raises ValueError ---

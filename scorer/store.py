@@ -20,6 +20,9 @@ from redis.commands.core import Script
 
 log = logging.getLogger("lb.store")
 
+# Written to check that Redis accepts writes again after an outage.
+PROBE_KEY = "lb:probe"
+
 
 class Store:
     """Runs named Lua scripts on Redis, falling back to in-process state when allowed."""
@@ -96,13 +99,23 @@ class Store:
     def _wait_for_redis(self) -> None:
         stop = threading.Event()
         while not stop.wait(self._retry_s):
-            if self.ping():
+            if self._writable():
                 # Connections opened before an outage may be dead: start afresh.
                 self.redis.connection_pool.disconnect()
                 log.warning("Redis is back: shared state again")
                 self._mark(False)
+                # The next outage starts from scratch, not from this one's leftovers.
+                self._local = None
                 self.degraded = False
                 return
+
+    def _writable(self) -> bool:
+        """Whether Redis takes a write now: a read-only replica or a full Redis
+        answers PING but fails every script, so PING alone would flap."""
+        try:
+            return bool(self.redis.set(PROBE_KEY, os.getpid(), px=10_000))
+        except redis.RedisError:
+            return False
 
     def _mark(self, degraded: bool) -> None:
         """Leave a marker file while degraded, so the admin listener can show it."""

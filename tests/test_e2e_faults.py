@@ -12,7 +12,7 @@ import requests
 
 from scorer.redis_server import server_command
 from tests.support import (
-    fire, free_port, gunicorn, spawn, start_balancer, start_echo, wait_for,
+    connections_to, fire, free_port, gunicorn, spawn, start_balancer, start_echo, wait_for,
 )
 
 pytestmark = pytest.mark.e2e
@@ -182,7 +182,7 @@ def test_sigterm_lets_in_flight_requests_finish(redis_server, tmp_path):
     try:
         with ThreadPoolExecutor(6) as pool:
             slow = [pool.submit(requests.get, f"{url}/sleep/1.5", timeout=10) for _ in range(6)]
-            wait_for(lambda: _connections_to(reflect_port) >= 6, timeout=10,
+            wait_for(lambda: connections_to(reflect_port) >= 6, timeout=10,
                      what="six requests in flight")
             code = proc.stop(signal.SIGTERM, timeout=5)  # honcho's grace period
             assert [f.result().status_code for f in slow] == [200] * 6
@@ -190,13 +190,6 @@ def test_sigterm_lets_in_flight_requests_finish(redis_server, tmp_path):
     finally:
         proc.stop()
         reflect.stop()
-
-
-def _connections_to(port: int) -> int:
-    """Established TCP connections whose server side is `port` (from /proc/net/tcp)."""
-    with open("/proc/net/tcp") as table:
-        rows = [line.split() for line in table.readlines()[1:]]
-    return sum(1 for row in rows if row[1].endswith(f":{port:04X}") and row[3] == "01")
 
 
 def test_admin_reset_unblocks_a_backend(redis_server, tmp_path):

@@ -12,7 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.support import free_port, gunicorn, spawn, start_balancer, start_echo, wait_for
+from tests.support import (
+    connections_to, free_port, gunicorn, spawn, start_balancer, start_echo, wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -261,9 +263,12 @@ def test_admin_answers_while_every_traffic_thread_is_busy(reflect, redis_server,
     proc, url, admin = start_balancer([reflect], redis_server, log_dir, workers=1, threads=2,
                                       name="proxy-saturated", env={"LB_READ_TIMEOUT": "30"})
     try:
+        reflect_port = int(reflect.rsplit(":", 1)[1])
+        idle = connections_to(reflect_port)  # other balancers' kept-alive connections
         with ThreadPoolExecutor(6) as pool:
             slow = [pool.submit(requests.get, f"{url}/sleep/2.0", timeout=30) for _ in range(6)]
-            # Wait until the backend holds requests, so the traffic threads are taken.
+            # Wait until the backend holds both of the worker's threads' requests.
+            wait_for(lambda: connections_to(reflect_port) >= idle + 2, what="both threads busy")
             probe = requests.Session()
             status = probe.get(f"{admin}/status", timeout=3)
             assert status.status_code == 200

@@ -1,6 +1,7 @@
 """The echo backend, through Flask's test client."""
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -49,9 +50,15 @@ def test_bad_input_gets_a_json_4xx(sleeps, body, content_type, status, words):
     assert words in response.get_json()["error"]
 
 
-def test_a_body_over_the_limit_gets_413(sleeps):
-    response = make_client(sleeps, ECHO_MAX_BODY=100).post(
-        "/", data=b'{"a":"' + b"x" * 200 + b'"}', content_type="application/json")
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_over_the_limit_gets_413(sleeps, chunked):
+    body = b"1" * 250  # a valid JSON number, even when cut short
+    client = make_client(sleeps, ECHO_MAX_BODY=100)
+    if chunked:
+        response = client.post("/", input_stream=io.BytesIO(body), content_type="application/json",
+                               environ_overrides={"wsgi.input_terminated": True})
+    else:
+        response = client.post("/", data=body, content_type="application/json")
     assert response.status_code == 413
     assert response.get_json()["status"] == 413
 

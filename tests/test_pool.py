@@ -417,6 +417,34 @@ def test_a_backend_that_behaves_again_gets_its_full_share_back(any_redis, clock)
     assert [b["requests"] for b in pool.status()["backends"]][1] == 1 + 100
 
 
+def test_answers_that_arrive_during_a_block_do_not_block_it_again_on_return(any_redis, clock):
+    pool = blocking_pool(any_redis, clock)
+    report(pool, 1, status=500)
+    for _ in range(3):  # requests that were in flight when the block began
+        report(pool, 1, status=None, error=TIMEOUT)
+    assert state(pool, 1)["score"] == 60  # still scored, so panic mode can rank it
+    release(pool, clock, 1)
+    assert state(pool, 1)["score"] == 0 and not state(pool, 1)["blocked"]
+    assert report(pool, 1) == (0, 0)  # a success (no bonus yet: recent errors)
+    assert state(pool, 1)["blocks"] == 1
+
+
+def test_a_retry_never_goes_to_a_blocked_backend(any_redis, clock):
+    pool = blocking_pool(any_redis, clock)
+    report(pool, 0, status=500)
+    report(pool, 1, status=500)
+    assert pool.pick("..x", retry=True) is None
+    assert pool.status()["panic_picks"] == 0
+
+
+def test_a_failure_never_earns_the_fast_bonus(any_redis, clock):
+    pool = pool_with_average(any_redis, clock, LB_RELATIVE_CREDIT="0")
+    for _ in range(200):
+        report(pool, 1, 10)  # fast: smoothed latency far under the 100 ms average
+    before = state(pool, 1)["score"]
+    assert report(pool, 1, 10, status=503)[0] == before + 8
+
+
 def test_at_most_all_but_one_backend_is_blocked_by_default(any_redis, clock):
     pool = blocking_pool(any_redis, clock)
     assert report(pool, 0, status=500)[1] > 0

@@ -76,3 +76,19 @@ def test_in_flight_flags_mark_tried_and_busy_backends():
     assert inflight.flags([backends[0]]) == "xb."
     inflight.release(backends[1])
     assert inflight.flags([backends[2]]) == "..x"
+
+
+def test_ipv6_backends_keep_their_brackets():
+    backend = load_settings(environ={"LB_BACKENDS": "http://[::1]:9001,http://[fe80::1]"}).backends
+    assert [b.id for b in backend] == ["[::1]:9001", "[fe80::1]:80"]
+    assert forward([("Host", "lb")], backend=backend[0])["Host"] == "[::1]:9001"
+    assert forward([("Host", "lb")], backend=backend[1])["Host"] == "[fe80::1]"
+
+
+def test_expect_is_not_forwarded():
+    assert "Expect" not in forward([("Host", "lb"), ("Expect", "100-continue")])
+
+
+def test_a_chunked_answer_loses_its_content_length():
+    assert client_response_headers([("Transfer-Encoding", "chunked"), ("Content-Length", "5"),
+                                    ("X-A", "1")]) == [("X-A", "1")]

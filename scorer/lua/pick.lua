@@ -15,12 +15,13 @@
 -- ARGV[7]  retry_budget_tau_s  time constant of the recent request and retry counts
 -- Returns  {index, panic}: the 0-based index of the picked backend, and 1 when
 --          every candidate was blocked or busy and the lowest score was taken
---          instead; {-1, 0} when a retry is refused: over budget, or no backend
---          left that this request has not tried.
+--          instead; {-1, 0} when a retry is refused: over budget, or no
+--          unblocked, idle backend left that this request has not tried.
 --
--- Rules: the cursor moves one slot at a time. A blocked backend it passes loses
--- one turn and is skipped. A block ends when its turns are used up *and* its
--- minimum end time (block_until) has passed; the backend is then picked at once.
+-- Rules: the cursor moves one slot at a time. A blocked backend (in_block = 1)
+-- it passes loses one turn and is skipped. A block ends when the cursor reaches
+-- the backend with its turns used up *and* its minimum end time (block_until)
+-- passed: its score restarts from 0 and it is picked at once.
 -- When every candidate is blocked or busy the request still goes somewhere: to
 -- the lowest score, ties broken in cursor order (panic mode), and it is counted.
 -- The cursor is stored modulo n, so a change in n keeps it valid.
@@ -66,16 +67,30 @@ for step = 1, n do
     local key = KEYS[index + 2]
     local blocked = false
     if honour_blocks then
-        local block = redis.call('HMGET', key, 'blocked_turns', 'block_until')
-        local turns = num(block[1])
-        blocked = turns > 0 or now < num(block[2])
-        if turns > 0 then
-            redis.call('HSET', key, 'blocked_turns', turns - 1)
+        local block = redis.call('HMGET', key, 'in_block', 'blocked_turns', 'block_until')
+        if block[1] == '1' then
+            local turns = num(block[2])
+            if turns > 0 or now < num(block[3]) then
+                blocked = true
+                if turns > 0 then
+                    redis.call('HSET', key, 'blocked_turns', turns - 1)
+                end
+            else
+                -- The block is over. Whatever answers arrived during it, the
+                -- backend starts again from a clean score and its full share.
+                redis.call('HSET', key, 'in_block', 0, 'score', 0)
+            end
         end
     end
     if not blocked and flag(index) == '.' then
         return take(index, 0)
     end
+end
+
+-- A retry goes only to a healthy backend this request has not tried: never to
+-- a blocked one, which would turn one failure into two.
+if is_retry then
+    return {-1, 0}
 end
 
 -- Panic: every candidate is blocked or busy. The cursor's own order breaks

@@ -83,9 +83,9 @@ local failed = outcome ~= 'ok'
 
 local function num(value) return tonumber(value) or 0 end
 local function fade(dt, tau) return math.exp(-dt / tau) end
+-- Blocked from report.lua's block until pick.lua finds it over.
 local function is_blocked(backend_key)
-    local b = redis.call('HMGET', backend_key, 'blocked_turns', 'block_until')
-    return num(b[1]) > 0 or now < num(b[2])
+    return redis.call('HGET', backend_key, 'in_block') == '1'
 end
 
 -- 1. The pool's yardsticks: its latency average, over successful requests
@@ -124,7 +124,10 @@ local err_weight = num(b[6]) * err_fade + 1
 local smoothed = lat_sum / lat_weight
 local error_rate = err_sum / err_weight
 
--- 3. Points. The old score first fades toward 0 with time.
+-- 3. Points. The old score first fades toward 0 with time. (A blocked
+--    backend keeps scoring, from requests in flight or panic picks, so panic
+--    mode can rank it; pick.lua zeroes the score when the block ends.)
+local blocked_now = is_blocked(key)
 local score = num(b[1]) * 0.5 ^ (dt / score_half_life_s)
 if failed then
     score = score + error_points
@@ -144,7 +147,7 @@ if lat_weight >= latency_min_samples and avg > 0 then
     local bar = math.max(avg * latency_ratio, avg + latency_slack_ms)
     if smoothed > bar and sample > bar then
         score = score + math.min(slow_points * (smoothed / avg - 1), slow_max_points)
-    elseif smoothed < avg then
+    elseif not failed and smoothed < avg then
         score = score - fast_bonus
     end
 end
@@ -161,7 +164,7 @@ redis.call('HINCRBY', key, 'outcome:' .. outcome, 1)
 -- 4. Block: at the threshold, for turns growing with the excess, at least
 --    block_min_s; twice as long (capped) for a backend that reoffends soon
 --    after its last block. Never beyond the pool's cap on blocked backends.
-if not may_block or score < score_threshold or is_blocked(key) then
+if not may_block or score < score_threshold or blocked_now then
     return {tostring(score), 0}
 end
 local n = #KEYS - 1
@@ -190,7 +193,7 @@ local turns = math.ceil((block_turns + (score - score_threshold) * block_turns_p
 local reason = string.format(
     'score %.1f reached %g: last %s, error rate %.0f%%, latency %.0f ms vs pool %.0f ms',
     score, score_threshold, outcome, error_rate * 100, smoothed, avg)
-redis.call('HSET', key, 'score', 0, 'blocked_turns', turns,
+redis.call('HSET', key, 'in_block', 1, 'score', 0, 'blocked_turns', turns,
            'block_until', now + block_min_s * factor, 'block_level', level,
            'last_block_at', now, 'block_reason', reason)
 redis.call('HINCRBY', key, 'blocks', 1)
