@@ -1,0 +1,127 @@
+"""Start and stop the real parts: Redis, echo instances and the balancer.
+
+Used by the live benchmark matrix and by the tests. Every process starts in its
+own session, on a free port, and is stopped with SIGTERM (then SIGKILL) to its
+whole process group, so nothing outlives its user.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from scorer.redis_server import server_command
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Proc:
+    """A process started by a test, with its output captured to a file."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    ports: list[int] = field(default_factory=list)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path,
+          ports: list[int] = ()) -> Proc:
+    log = log_dir / f"{name}.log"
+    full_env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+                "PYTHONUNBUFFERED": "1", **env}
+    with open(log, "wb") as out:
+        popen = subprocess.Popen(argv, cwd=ROOT, env=full_env, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    proc = Proc(name, popen, log, list(ports))
+    try:
+        for port in ports:
+            wait_for(lambda: port_open(port) or popen.poll() is not None,
+                     what=f"{name} on port {port}")
+            if popen.poll() is not None:
+                raise RuntimeError(f"{name} exited early:\n{proc.output()}")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+def start_redis(log_dir: Path) -> tuple[Proc, str]:
+    port = free_port()
+    proc = spawn("redis", server_command(port), {}, log_dir, [port])
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_for(lambda: redis.Redis.from_url(url).ping(), what="redis PING")
+    return proc, url
+
+
+def gunicorn(app: str, port: int, *options: str) -> list[str]:
+    return [str(BIN / "gunicorn"), "-c", "gunicorn_conf.py", "-b", f"127.0.0.1:{port}",
+            *options, app]
+
+
+def start_echo(instance: int, log_dir: Path, seed: int = 0,
+               **env: str) -> tuple[Proc, str]:
+    port = free_port()
+    proc = spawn(f"echo{instance}-{port}",
+                 gunicorn("apps.echo:create_app()", port, "-w", "1", "--threads", "32",
+                          "--keep-alive", "75"),
+                 {"ECHO_INSTANCE": str(instance), "SEED": str(seed), **env}, log_dir, [port])
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_balancer(backends: list[str], redis_url: str, log_dir: Path, *,
+                   workers: int = 2, threads: int = 8, name: str = "proxy",
+                   env: dict[str, str] | None = None) -> tuple[Proc, str, str]:
+    """Start the balancer under Gunicorn; return it, its traffic URL and its admin URL."""
+    port, admin_port = free_port(), free_port()
+    settings = {"LB_BACKENDS": ",".join(backends), "REDIS_URL": redis_url,
+                "LB_PORT": str(port), "LB_ADMIN_PORT": str(admin_port),
+                "LB_POOL": f"test-{port}", "GUNICORN_WORKERS": str(workers),
+                "GUNICORN_THREADS": str(threads), **(env or {})}
+    argv = [str(BIN / "gunicorn"), "-c", "gunicorn_conf.py", "apps.proxy:create_app()"]
+    proc = spawn(name, argv, settings, log_dir, [port, admin_port])
+    return proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
