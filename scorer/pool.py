@@ -154,9 +154,12 @@ class Pool:
         pool, backends = self.raw_state()
         return {
             "latency_avg_ms": _ratio(pool, "avg_sum", "avg_weight"),
+            "latency_yardstick_ms": _ratio(pool, "all_sum", "all_weight"),
             "error_rate": _ratio(pool, "err_sum", "err_weight"),
             "panic_picks": int(pool.get("panic_picks", 0)),
+            "over_cap_picks": int(pool.get("over_cap_picks", 0)),
             "blocks_deferred": int(pool.get("blocks_deferred", 0)),
+            "block_swaps": int(pool.get("block_swaps", 0)),
             "retries_denied": int(pool.get("retries_denied", 0)),
             "backends": [{"id": b.id, "url": b.url, **describe_backend(backends[b.id])}
                          for b in self.backends],

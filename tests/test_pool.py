@@ -456,6 +456,32 @@ def test_at_most_all_but_one_backend_is_blocked_by_default(any_redis, clock):
     assert report(pool, 2, status=500)[1] > 0  # a slot is free: blocked now
 
 
+def test_when_the_cap_is_full_a_worse_backend_takes_a_better_ones_block(any_redis, clock):
+    pool = blocking_pool(any_redis, clock)
+    for _ in range(5):
+        report(pool, 0, 50)   # a fast backend (score -5)...
+    report(pool, 0, 50, status=500)  # ...blocked after a failure (score 20)
+    report(pool, 1, 50, status=500)
+    assert [b["blocked"] for b in pool.status()["backends"]] == [True, True, False]
+    report(pool, 2, 3000, status=None, error=TIMEOUT)  # slower than every blocked one
+    status = pool.status()
+    # Backend 0 (the best of the blocked) is released; the worst one is blocked instead.
+    assert [b["blocked"] for b in status["backends"]] == [False, True, True]
+    assert status["block_swaps"] == 1 and status["blocks_deferred"] == 0
+    assert status["backends"][0]["score"] == 0
+
+
+def test_latency_is_judged_against_every_request_failures_priced_in(any_redis, clock):
+    pool = pool_with_average(any_redis, clock, avg_ms=100)
+    for _ in range(1000):  # half the pool's requests fail: each counts as 400 ms
+        report(pool, 1, 100, status=500)
+    status = pool.status()
+    assert status["latency_avg_ms"] == pytest.approx(100)
+    assert status["latency_yardstick_ms"] == pytest.approx(250, rel=0.01)
+    # A backend answering in 200 ms is slower than the successes, not than the pool.
+    assert report(pool, 2, 200)[0] < 0
+
+
 def test_the_blocked_share_is_configurable(any_redis, clock):
     pool = blocking_pool(any_redis, clock, LB_MAX_BLOCKED_SHARE="0.34")
     assert report(pool, 0, status=500)[1] > 0
@@ -502,7 +528,20 @@ def test_when_every_backend_is_busy_the_request_still_goes_out(any_redis, clock)
     report(pool, 0, status=500)  # scores 8, 0, 0
     assert pool.pick("bbb").port == 9002  # the lowest score, in cursor order
     assert pool.pick("bbx").port == 9002
-    assert pool.status()["panic_picks"] == 2
+    status = pool.status()
+    assert (status["over_cap_picks"], status["panic_picks"]) == (2, 0)
+
+
+def test_over_the_cap_on_a_healthy_backend_beats_a_blocked_one(any_redis, clock):
+    pool = blocking_pool(any_redis, clock)
+    report(pool, 0, status=500)  # blocked, score reset to 0
+    report(pool, 1, status=503)  # 25: deferred, the cap of blocks is full... see below
+    status = pool.status()
+    assert [b["blocked"] for b in status["backends"]] == [True, True, False]
+    for _ in range(3):
+        report(pool, 2)  # the healthy one: score -3
+    assert pool.pick("..b").port == 9003  # busy, but not blocked
+    assert pool.status()["panic_picks"] == 0
 
 
 def test_round_robin_also_skips_tried_and_busy_backends(any_redis, clock):

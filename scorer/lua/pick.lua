@@ -1,6 +1,6 @@
 -- pick: advance the pool's shared round-robin cursor past blocked backends.
 --
--- KEYS[1]      lb:{pool}:pool       hash: cursor, panic_picks, the retry budget's
+-- KEYS[1]      lb:{pool}:pool       hash: cursor, panic_picks, over_cap_picks, the retry budget's
 --                                   counts (req_sum, retry_sum, budget_at), retries_denied
 -- KEYS[2..n+1] lb:{pool}:b:<id>     each backend's hash, in the pool's order
 -- ARGV[1]  now                 caller's clock, seconds since the epoch
@@ -14,8 +14,8 @@
 -- ARGV[6]  retry_budget_min    ...plus this many
 -- ARGV[7]  retry_budget_tau_s  time constant of the recent request and retry counts
 -- Returns  {index, panic}: the 0-based index of the picked backend, and 1 when
---          every candidate was blocked or busy and the lowest score was taken
---          instead; {-1, 0} when a retry is refused: over budget, or no
+--          every candidate was blocked and the lowest score was taken instead
+--          (when only busy ones were left, one is taken over its cap: not panic); {-1, 0} when a retry is refused: over budget, or no
 --          unblocked, idle backend left that this request has not tried.
 --
 -- Rules: the cursor moves one slot at a time. A blocked backend (in_block = 1)
@@ -23,7 +23,8 @@
 -- the backend with its turns used up *and* its minimum end time (block_until)
 -- passed: its score restarts from 0 and it is picked at once.
 -- When every candidate is blocked or busy the request still goes somewhere: to
--- the lowest score, ties broken in cursor order (panic mode), and it is counted.
+-- a busy unblocked backend if there is one, else a blocked one; the lowest
+-- score first, ties broken in cursor order (panic mode), and it is counted.
 -- The cursor is stored modulo n, so a change in n keeps it valid.
 local now = tonumber(ARGV[1])
 local honour_blocks = ARGV[2] == '1'
@@ -52,16 +53,17 @@ if is_retry and retry_sum + 1 > retry_budget * req_sum + retry_budget_min then
     return {-1, 0}
 end
 
-local function take(index, panic)
+local function take(index, counter)
     if is_retry then retry_sum = retry_sum + 1 else req_sum = req_sum + 1 end
     redis.call('HSET', pool_key, 'cursor', index, 'req_sum', req_sum, 'retry_sum', retry_sum,
                'budget_at', math.max(num(budget[4]), now))
-    if panic == 1 then
-        redis.call('HINCRBY', pool_key, 'panic_picks', 1)
+    if counter then
+        redis.call('HINCRBY', pool_key, counter, 1)
     end
-    return {index, panic}
+    return {index, counter == 'panic_picks' and 1 or 0}
 end
 
+local blocked_at = {}
 for step = 1, n do
     local index = (last + step) % n
     local key = KEYS[index + 2]
@@ -83,8 +85,9 @@ for step = 1, n do
         end
     end
     if not blocked and flag(index) == '.' then
-        return take(index, 0)
+        return take(index, nil)
     end
+    blocked_at[index] = blocked
 end
 
 -- A retry goes only to a healthy backend this request has not tried: never to
@@ -93,19 +96,23 @@ if is_retry then
     return {-1, 0}
 end
 
--- Panic: every candidate is blocked or busy. The cursor's own order breaks
--- ties, so equals still rotate.
-local best, best_score = nil, nil
+-- Panic: every candidate is blocked or busy. A busy but unblocked backend is
+-- still better than a blocked one; among equals, the lowest score, and the
+-- cursor's own order breaks ties, so equals still rotate.
+local best, best_rank, best_score = nil, nil, nil
 for step = 1, n do
     local index = (last + step) % n
     if flag(index) ~= 'x' then
+        local rank = blocked_at[index] and 1 or 0
         local score = num(redis.call('HGET', KEYS[index + 2], 'score'))
-        if best == nil or score < best_score then
-            best, best_score = index, score
+        if best == nil or rank < best_rank or (rank == best_rank and score < best_score) then
+            best, best_rank, best_score = index, rank, score
         end
     end
 end
 if best == nil then
     return {-1, 0}
 end
-return take(best, 1)
+-- Only a pick among blocked backends is panic; going over a healthy
+-- backend's in-flight cap is counted apart.
+return take(best, best_rank == 1 and 'panic_picks' or 'over_cap_picks')

@@ -1,9 +1,10 @@
 -- report: score one upstream attempt and block its backend when the score says so.
 -- This file is the scorer: every rule that turns outcomes into scores and blocks.
 --
--- KEYS[1]      lb:{pool}:pool      hash: the pool's latency average (avg_sum,
---                                  avg_weight), error rate (err_sum, err_weight),
---                                  updated_at, blocks_deferred
+-- KEYS[1]      lb:{pool}:pool      hash: the pool's latency averages (avg_sum,
+--                                  avg_weight; all_sum, all_weight), error rate
+--                                  (err_sum, err_weight), updated_at,
+--                                  blocks_deferred, block_swaps
 -- KEYS[2..n+1] lb:{pool}:b:<id>    each backend's hash, in the pool's order
 -- ARGV[1]  now                  caller's clock, seconds since the epoch
 -- ARGV[2]  index                0-based index of the reported backend in KEYS[2..]
@@ -88,35 +89,44 @@ local function is_blocked(backend_key)
     return redis.call('HGET', backend_key, 'in_block') == '1'
 end
 
--- 1. The pool's yardsticks: its latency average, over successful requests
---    only (failures would drag it toward themselves), and its error rate.
-local p = redis.call('HMGET', pool_key, 'avg_sum', 'avg_weight', 'err_sum', 'err_weight',
-                     'updated_at')
-local pool_dt = math.max(0, now - num(p[5]))
+-- 1. The pool's yardsticks. `avg`: its latency over successful requests,
+--    which prices a failure (below). `yardstick`: its latency over every
+--    request as entered, failures at their price, which each backend's
+--    smoothed latency is judged against: a backend failing and answering as
+--    fast as the pool's average breaks even. And the pool's error rate.
+local p = redis.call('HMGET', pool_key, 'avg_sum', 'avg_weight', 'all_sum', 'all_weight',
+                     'err_sum', 'err_weight', 'updated_at')
+local pool_dt = math.max(0, now - num(p[7]))
 local avg_fade, pool_err_fade = fade(pool_dt, avg_tau_s), fade(pool_dt, error_tau_s)
 local avg_sum, avg_weight = num(p[1]) * avg_fade, num(p[2]) * avg_fade
 if not failed then
     avg_sum, avg_weight = avg_sum + latency_ms, avg_weight + 1
 end
 local avg = avg_weight > 0 and avg_sum / avg_weight or latency_ms
-local pool_err_sum = num(p[3]) * pool_err_fade + (failed and 1 or 0)
-local pool_err_weight = num(p[4]) * pool_err_fade + 1
+
+-- 2. What this request counts as: its latency, or for a failure at least
+--    error_latency_factor x max(avg, slack), so a fast error never looks fast.
+local sample = latency_ms
+if failed then
+    sample = math.max(latency_ms, error_latency_factor * math.max(avg, latency_slack_ms))
+end
+local all_sum = num(p[3]) * avg_fade + sample
+local all_weight = num(p[4]) * avg_fade + 1
+local yardstick = all_sum / all_weight
+local pool_err_sum = num(p[5]) * pool_err_fade + (failed and 1 or 0)
+local pool_err_weight = num(p[6]) * pool_err_fade + 1
 local pool_error_rate = pool_err_sum / pool_err_weight
 redis.call('HSET', pool_key, 'avg_sum', avg_sum, 'avg_weight', avg_weight,
+           'all_sum', all_sum, 'all_weight', all_weight,
            'err_sum', pool_err_sum, 'err_weight', pool_err_weight,
-           'updated_at', math.max(num(p[5]), now))
+           'updated_at', math.max(num(p[7]), now))
 
--- 2. The backend's smoothed latency and recent error rate. A failure counts as
---    slow too, at least error_latency_factor x max(average, slack).
+-- 3. The backend's smoothed latency and recent error rate.
 local b = redis.call('HMGET', key, 'score', 'updated_at', 'lat_sum', 'lat_weight',
                      'err_sum', 'err_weight')
 local updated_at = num(b[2])
 local dt = math.max(0, now - updated_at)
 local lat_fade, err_fade = fade(dt, latency_tau_s), fade(dt, error_tau_s)
-local sample = latency_ms
-if failed then
-    sample = math.max(latency_ms, error_latency_factor * math.max(avg, latency_slack_ms))
-end
 local lat_sum = num(b[3]) * lat_fade + sample
 local lat_weight = num(b[4]) * lat_fade + 1
 local err_sum = num(b[5]) * err_fade + (failed and 1 or 0)
@@ -124,7 +134,7 @@ local err_weight = num(b[6]) * err_fade + 1
 local smoothed = lat_sum / lat_weight
 local error_rate = err_sum / err_weight
 
--- 3. Points. The old score first fades toward 0 with time. (A blocked
+-- 4. Points. The old score first fades toward 0 with time. (A blocked
 --    backend keeps scoring, from requests in flight or panic picks, so panic
 --    mode can rank it; pick.lua zeroes the score when the block ends.)
 local blocked_now = is_blocked(key)
@@ -140,14 +150,14 @@ else
         score = score - success_bonus
     end
 end
-if lat_weight >= latency_min_samples and avg > 0 then
+if lat_weight >= latency_min_samples and yardstick > 0 then
     -- Slower means past both the ratio and the slack, for the smoothed latency
     -- (a trend, not noise) and for this request too, so a lone spike is paid
     -- for once, not on every request until the smoothing forgets it.
-    local bar = math.max(avg * latency_ratio, avg + latency_slack_ms)
+    local bar = math.max(yardstick * latency_ratio, yardstick + latency_slack_ms)
     if smoothed > bar and sample > bar then
-        score = score + math.min(slow_points * (smoothed / avg - 1), slow_max_points)
-    elseif not failed and smoothed < avg then
+        score = score + math.min(slow_points * (smoothed / yardstick - 1), slow_max_points)
+    elseif not failed and smoothed < yardstick then
         score = score - fast_bonus
     end
 end
@@ -161,7 +171,7 @@ redis.call('HSET', key, 'score', score, 'updated_at', math.max(updated_at, now),
 redis.call('HINCRBY', key, 'requests', 1)
 redis.call('HINCRBY', key, 'outcome:' .. outcome, 1)
 
--- 4. Block: at the threshold, for turns growing with the excess, at least
+-- 5. Block: at the threshold, for turns growing with the excess, at least
 --    block_min_s; twice as long (capped) for a backend that reoffends soon
 --    after its last block. Never beyond the pool's cap on blocked backends.
 if not may_block or score < score_threshold or blocked_now then
@@ -174,8 +184,25 @@ for i = 2, n + 1 do
 end
 local cap = math.min(math.floor(max_blocked_share * n + 1e-9), n - min_unblocked)
 if blocked >= cap then
-    redis.call('HINCRBY', pool_key, 'blocks_deferred', 1)
-    return {tostring(score), 0}
+    -- The cap is full. If a blocked backend is doing better than this one (a
+    -- lower smoothed latency, failures priced in), end its block early and
+    -- block this one instead: the backends left serving must be the best.
+    local best_key, best_smoothed = nil, smoothed
+    for i = 2, n + 1 do
+        if KEYS[i] ~= key and is_blocked(KEYS[i]) then
+            local other = redis.call('HMGET', KEYS[i], 'lat_sum', 'lat_weight')
+            local other_smoothed = num(other[2]) > 0 and num(other[1]) / num(other[2]) or 0
+            if other_smoothed < best_smoothed then
+                best_key, best_smoothed = KEYS[i], other_smoothed
+            end
+        end
+    end
+    if best_key == nil then
+        redis.call('HINCRBY', pool_key, 'blocks_deferred', 1)
+        return {tostring(score), 0}
+    end
+    redis.call('HSET', best_key, 'in_block', 0, 'score', 0, 'blocked_turns', 0)
+    redis.call('HINCRBY', pool_key, 'block_swaps', 1)
 end
 
 local last = redis.call('HMGET', key, 'block_until', 'block_level')
@@ -192,7 +219,7 @@ end
 local turns = math.ceil((block_turns + (score - score_threshold) * block_turns_per_point) * factor)
 local reason = string.format(
     'score %.1f reached %g: last %s, error rate %.0f%%, latency %.0f ms vs pool %.0f ms',
-    score, score_threshold, outcome, error_rate * 100, smoothed, avg)
+    score, score_threshold, outcome, error_rate * 100, smoothed, yardstick)
 redis.call('HSET', key, 'in_block', 1, 'score', 0, 'blocked_turns', turns,
            'block_until', now + block_min_s * factor, 'block_level', level,
            'last_block_at', now, 'block_reason', reason)
