@@ -1,23 +1,36 @@
-"""python -m bench <command>
+"""python -m bench [command] [options]
 
-Commands:
-    clients   CPU cost per request of requests.Session vs urllib3 (the proxy's upstream client)
+    (no command)  the threaded benchmark against a running balancer (bench/load.py)
+    matrix        seeds x instance counts x strategies, simulated or --live (bench/matrix.py)
+    tune          search the scorer's settings on the simulator (bench/tune.py)
+    clients       CPU cost per request of requests.Session vs urllib3 (bench/clients.py)
+
+`python -m bench <command> --help` lists each command's options.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from bench import clients
+COMMANDS = {"matrix": "bench.matrix", "tune": "bench.tune", "clients": "bench.clients"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    clients.add_arguments(commands.add_parser("clients", help=clients.__doc__.splitlines()[0]))
-    args = parser.parse_args(argv)
-    return {"clients": clients.run}[args.command](args)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        name, module = argv[0], importlib.import_module(COMMANDS[argv[0]])
+        argv = argv[1:]
+    elif argv and argv[0] in ("-h", "--help") and len(argv) == 1:
+        print(__doc__)
+        return 0
+    else:
+        name, module = None, importlib.import_module("bench.load")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m bench {name}" if name else "python -m bench",
+        description=(module.__doc__ or "").strip().splitlines()[0])
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -103,11 +103,11 @@ def gunicorn(app: str, port: int, *options: str) -> list[str]:
             *options, app]
 
 
-def start_echo(instance: int, log_dir: Path, seed: int = 0,
+def start_echo(instance: int, log_dir: Path, seed: int = 0, threads: int = 32,
                **env: str) -> tuple[Proc, str]:
     port = free_port()
     proc = spawn(f"echo{instance}-{port}",
-                 gunicorn("apps.echo:create_app()", port, "-w", "1", "--threads", "32",
+                 gunicorn("apps.echo:create_app()", port, "-w", "1", "--threads", str(threads),
                           "--keep-alive", "75"),
                  {"ECHO_INSTANCE": str(instance), "SEED": str(seed), **env}, log_dir, [port])
     return proc, f"http://127.0.0.1:{port}"

@@ -1,0 +1,350 @@
+"""`python -m bench matrix`: seeds x instance counts x strategies, simulated or live.
+
+Each cell is one scenario (seed, instances) under one strategy, repeated with
+different request-id offsets to measure run-to-run noise. The simulator
+(bench/sim.py) is the default; `--live` starts a real stack per cell (Redis,
+echo instances with that seed, the balancer under Gunicorn) and runs the
+threaded benchmark (bench/load.py) against it. Writes results.csv,
+results.json, summary.json and chart.png, and prints a table and the targets.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from bench.sim import Scenario, simulate_cell
+
+SUITES = {
+    # name: (seeds, instance counts, requests per cell, repeats)
+    "default": (list(range(1, 9)), [3, 5], 4000, 2),
+    "full": (list(range(1, 21)), [3, 5, 8], 10000, 3),
+    "quick": ([1, 2], [3], 1000, 1),
+}
+LIVE_SUITES = {
+    "default": ([1, 2, 3, 7], [3, 5], 500, 1),
+    "full": (list(range(1, 9)), [3, 5], 1000, 2),
+    "quick": ([7], [3], 200, 1),
+}
+ID_OFFSET_STEP = 1_000_000  # repeats use disjoint request ids: independent draws
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--live", action="store_true",
+                        help="run each cell on a real stack instead of the simulator")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="default")
+    parser.add_argument("--seeds", type=_ints, help="override the suite's seeds, e.g. 1,2,3")
+    parser.add_argument("--instances", type=_ints, help="override the instance counts, e.g. 3,5")
+    parser.add_argument("--requests", type=int, help="requests per cell")
+    parser.add_argument("--repeats", type=int, help="repeats per cell (request-id offsets)")
+    parser.add_argument("--workers", type=int, default=100,
+                        help="concurrent clients (the benchmark's workers)")
+    parser.add_argument("--strategies", type=lambda s: s.split(","),
+                        default=["round_robin", "scored", "oracle"])
+    parser.add_argument("--set", action="append", default=[], metavar="LB_X=VALUE",
+                        help="a balancer setting for every cell (repeatable)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="directory for the results (default bench/results/matrix-<time>)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="simulations run in parallel")
+
+
+def _ints(raw: str) -> list[int]:
+    return [int(part) for part in raw.split(",") if part]
+
+
+@dataclass(frozen=True)
+class Cell:
+    scenario: Scenario
+    strategy: str
+    repeat: int
+
+
+def plan(args: argparse.Namespace) -> list[Cell]:
+    seeds, instances, requests, repeats = (LIVE_SUITES if args.live else SUITES)[args.suite]
+    seeds = args.seeds or seeds
+    instances = args.instances or instances
+    requests = args.requests or requests
+    repeats = args.repeats or repeats
+    strategies = [s for s in args.strategies if not (args.live and s == "oracle")]
+    return [Cell(Scenario(seed=seed, instances=n, requests=requests, clients=args.workers,
+                          id_offset=repeat * ID_OFFSET_STEP), strategy, repeat)
+            for seed in seeds for n in instances for repeat in range(repeats)
+            for strategy in strategies]
+
+
+def run(args: argparse.Namespace) -> int:
+    env = dict(item.split("=", 1) for item in args.set)
+    cells = plan(args)
+    out = args.out or Path("bench/results") / f"matrix-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    rows = run_live(cells, env, out) if args.live else run_simulated(cells, env, args.jobs)
+    summary = summarize(rows)
+    summary["mode"] = "live" if args.live else "simulated"
+    summary["wall_s"] = round(time.monotonic() - started, 1)
+    write_outputs(rows, summary, out)
+    print(format_table(rows, summary))
+    print(f"\nwrote {out}/results.csv, results.json, summary.json, chart.png "
+          f"in {summary['wall_s']} s")
+    return 0
+
+
+def run_simulated(cells: list[Cell], env: dict[str, str], jobs: int) -> list[dict[str, Any]]:
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(_simulate, cells, [env] * len(cells)))
+    return [{**r, "repeat": c.repeat} for c, r in zip(cells, results)]
+
+
+def _simulate(cell: Cell, env: dict[str, str]) -> dict[str, Any]:
+    return simulate_cell(cell.scenario, cell.strategy, env).to_dict()
+
+
+def run_live(cells: list[Cell], env: dict[str, str], out: Path) -> list[dict[str, Any]]:
+    """One real stack per cell; everything is stopped even on Ctrl-C."""
+    from bench import load
+    from bench.stack import start_balancer, start_echo, start_redis
+    logs = Path(tempfile.mkdtemp(prefix="lb-matrix-"))
+    redis_proc, redis_url = start_redis(logs)
+    rows = []
+    try:
+        for number, cell in enumerate(cells, 1):
+            s = cell.scenario
+            print(f"[{number}/{len(cells)}] live {s.name} {cell.strategy} repeat {cell.repeat}",
+                  flush=True)
+            procs = []
+            try:
+                echoes = [start_echo(i, logs, seed=s.seed, threads=s.backend_threads,
+                                     **_fault_env(s, i))
+                          for i in range(s.instances)]
+                procs += [p for p, _ in echoes]
+                balancer, url, admin = start_balancer(
+                    [u for _, u in echoes], redis_url, logs, workers=s.balancer_workers,
+                    threads=s.balancer_threads // s.balancer_workers,
+                    env={**env, "LB_STRATEGY": cell.strategy})
+                procs.append(balancer)
+                result = load.measure(url, s.requests, s.clients, timeout=30, payload=64,
+                                      id_offset=s.id_offset, method=s.method, progress=False)
+                rows.append(_live_row(cell, result.to_dict(), admin))
+            finally:
+                for proc in reversed(procs):
+                    proc.stop()
+    finally:
+        redis_proc.stop()
+    return rows
+
+
+def _fault_env(scenario: Scenario, instance: int) -> dict[str, str]:
+    """The echo settings that give `instance` the scenario's known fault, if any."""
+    for index, error_rate, mean_latency_ms in scenario.faults:
+        if index == instance:
+            return {"ECHO_ERROR_RATE": str(error_rate),
+                    "ECHO_MEAN_LATENCY_MS": str(mean_latency_ms)}
+    return {}
+
+
+def _live_row(cell: Cell, measured: dict[str, Any], admin: str) -> dict[str, Any]:
+    import requests
+    try:
+        status = requests.get(f"{admin}/status", timeout=5).json()
+        blocks = sum(b.get("blocks", 0) for b in status["backends"])
+        panic, over_cap = status.get("panic_picks", 0), status.get("over_cap_picks", 0)
+    except requests.RequestException:
+        blocks = panic = over_cap = -1
+    s = cell.scenario
+    errors = sum(measured["errors"].values())
+    return {
+        "scenario": s.name, "strategy": cell.strategy, "seed": s.seed,
+        "instances": s.instances, "id_offset": s.id_offset, "requests": s.requests,
+        "errors": errors, "error_rate": errors / s.requests,
+        "p50_ms": measured["latency_ms"]["p50"], "p90_ms": measured["latency_ms"]["p90"],
+        "p99_ms": measured["latency_ms"]["p99"], "max_ms": measured["latency_ms"]["max"],
+        "virtual_s": measured["wall_s"], "retries": 0, "blocks": blocks,
+        "panic_picks": panic, "over_cap_picks": over_cap,
+        "shares": {k: v["count"] for k, v in measured["shares"].items()},
+        "repeat": cell.repeat,
+    }
+
+
+# --- summary: the targets -------------------------------------------------------
+
+def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Per-scenario means and noise, the gap each strategy closes, and where
+    `scored` is worse than `round_robin` beyond run-to-run noise."""
+    by_cell: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        by_cell.setdefault((row["scenario"], row["strategy"]), []).append(row)
+    scenarios = sorted({s for s, _ in by_cell}, key=_scenario_order)
+    strategies = sorted({t for _, t in by_cell})
+    per_scenario = {}
+    for scenario in scenarios:
+        per_scenario[scenario] = {}
+        for strategy in strategies:
+            cell = by_cell.get((scenario, strategy), [])
+            if cell:
+                per_scenario[scenario][strategy] = _cell_stats(cell)
+    totals = {}
+    for strategy in strategies:
+        cells = [per_scenario[s][strategy] for s in scenarios if strategy in per_scenario[s]]
+        totals[strategy] = {
+            "errors": sum(c["errors"] for c in cells),
+            "p99_geomean_ms": _geomean(c["p99_ms"] for c in cells),
+        }
+    summary: dict[str, Any] = {"per_scenario": per_scenario, "totals": totals}
+    if {"round_robin", "scored", "oracle"} <= set(totals):
+        rr, sc, orc = totals["round_robin"], totals["scored"], totals["oracle"]
+        summary["gap_closed"] = {
+            "errors": _closed(rr["errors"], sc["errors"], orc["errors"]),
+            "p99_geomean": _closed(rr["p99_geomean_ms"], sc["p99_geomean_ms"],
+                                   orc["p99_geomean_ms"]),
+        }
+    if {"round_robin", "scored"} <= set(strategies):
+        summary["scored_worse"] = [
+            {"scenario": s, **worse}
+            for s in scenarios for worse in _worse(per_scenario[s])]
+    return summary
+
+
+def _cell_stats(cell: list[dict[str, Any]]) -> dict[str, float]:
+    rates = [r["error_rate"] for r in cell]
+    p99s = [r["p99_ms"] for r in cell]
+    return {
+        "runs": len(cell),
+        "errors": statistics.fmean(r["errors"] for r in cell),
+        "error_rate": statistics.fmean(rates),
+        "error_rate_sd": statistics.stdev(rates) if len(cell) > 1 else math.nan,
+        "p99_ms": statistics.fmean(p99s),
+        "p99_sd": statistics.stdev(p99s) if len(cell) > 1 else math.nan,
+        "blocks": statistics.fmean(r["blocks"] for r in cell),
+    }
+
+
+def _worse(stats: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Metrics on which scored is worse than round_robin by more than twice the
+    noise of the difference (repeats' standard deviations)."""
+    rr, sc = stats.get("round_robin"), stats.get("scored")
+    if not rr or not sc:
+        return []
+    found = []
+    for metric, sd in (("error_rate", "error_rate_sd"), ("p99_ms", "p99_sd")):
+        diff = sc[metric] - rr[metric]
+        noise = math.sqrt((rr[sd] ** 2) / rr["runs"] + (sc[sd] ** 2) / sc["runs"])
+        if math.isnan(noise):
+            noise = 0.0
+        if diff > 2 * noise and diff > 0:
+            found.append({"metric": metric, "round_robin": rr[metric], "scored": sc[metric],
+                          "difference": diff, "noise": noise})
+    return found
+
+
+def _closed(baseline: float, candidate: float, best: float) -> float | None:
+    """Share of the gap between baseline and best that candidate closes."""
+    if baseline == best:
+        return None
+    return (baseline - candidate) / (baseline - best)
+
+
+def _geomean(values: Iterable[float]) -> float:
+    values = [max(v, 1e-9) for v in values]
+    return math.exp(statistics.fmean(math.log(v) for v in values)) if values else math.nan
+
+
+def _scenario_order(name: str) -> tuple[int, int]:
+    seed, instances = name.removeprefix("seed").split("-n")
+    return int(instances), int(seed)
+
+
+# --- outputs --------------------------------------------------------------------
+
+def write_outputs(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> None:
+    fields = ["scenario", "strategy", "seed", "instances", "repeat", "id_offset", "requests",
+              "errors", "error_rate", "p50_ms", "p90_ms", "p99_ms", "max_ms", "blocks",
+              "panic_picks", "over_cap_picks", "retries", "virtual_s"]
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_nan_to_none))
+    draw_chart(summary, out / "chart.png")
+
+
+def _nan_to_none(value: Any) -> Any:
+    return None
+
+
+def draw_chart(summary: dict[str, Any], path: Path) -> None:
+    """Error rate and p99 per scenario: strategies side by side, the oracle as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = summary["per_scenario"]
+    scenarios = list(per)
+    bars = [s for s in ("round_robin", "scored") if any(s in per[x] for x in scenarios)]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, len(scenarios) * 0.7), 8), sharex=True)
+    width = 0.8 / max(1, len(bars))
+    xs = range(len(scenarios))
+    for ax, metric, label in ((axes[0], "error_rate", "error rate"),
+                              (axes[1], "p99_ms", "p99 latency (ms)")):
+        for i, strategy in enumerate(bars):
+            values = [per[s].get(strategy, {}).get(metric, math.nan) for s in scenarios]
+            ax.bar([x + (i - (len(bars) - 1) / 2) * width for x in xs], values, width,
+                   label=strategy)
+        if any("oracle" in per[s] for s in scenarios):
+            ax.plot(list(xs), [per[s].get("oracle", {}).get(metric, math.nan)
+                               for s in scenarios], "k.-", label="oracle")
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    axes[1].set_xticks(list(xs))
+    axes[1].set_xticklabels(scenarios, rotation=45, ha="right")
+    fig.suptitle("round_robin vs scored per scenario (oracle: the yardstick)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    per = summary["per_scenario"]
+    strategies = [s for s in ("round_robin", "scored", "oracle")
+                  if any(s in per[x] for x in per)]
+    head = f"{'scenario':<12}" + "".join(f"{s + ' err':>18}{s + ' p99':>18}" for s in strategies)
+    lines = [head, "-" * len(head)]
+    for scenario, stats in per.items():
+        line = f"{scenario:<12}"
+        for s in strategies:
+            cell = stats.get(s)
+            line += (f"{cell['error_rate']:>18.3f}{cell['p99_ms']:>16.0f}ms" if cell
+                     else f"{'-':>18}{'-':>18}")
+        lines.append(line)
+    lines.append("")
+    for strategy, total in summary["totals"].items():
+        lines.append(f"{strategy:<12} errors {total['errors']:>9.0f}   "
+                     f"p99 geomean {total['p99_geomean_ms']:>7.0f} ms")
+    if "gap_closed" in summary:
+        closed = summary["gap_closed"]
+        lines.append(f"scored closes {_pct(closed['errors'])} of the round_robin-to-oracle gap "
+                     f"in errors and {_pct(closed['p99_geomean'])} in p99 geomean (target 60 %)")
+    if "scored_worse" in summary:
+        worse = summary["scored_worse"]
+        if worse:
+            lines.append("scored is worse than round_robin beyond noise on:")
+            lines += [f"  {w['scenario']} {w['metric']}: {w['scored']:.3f} vs "
+                      f"{w['round_robin']:.3f} (noise {w['noise']:.3f})" for w in worse]
+        else:
+            lines.append("scored is worse than round_robin beyond noise on no scenario")
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
