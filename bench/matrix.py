@@ -211,7 +211,29 @@ def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
         summary["scored_worse"] = [
             {"scenario": s, **worse}
             for s in scenarios for worse in _worse(per_scenario[s])]
+        summary["scored_worse_objective"] = [
+            {"scenario": s, **worse} for s in scenarios
+            for worse in _worse_objective(by_cell.get((s, "round_robin"), []),
+                                          by_cell.get((s, "scored"), []))]
     return summary
+
+
+def _worse_objective(rr: list[dict[str, Any]], sc: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Whether scored is worse on the tuner's objective (error rate + 0.5 x p99 /
+    round_robin's p99), comparing runs with the same request ids pairwise."""
+    rr_by, sc_by = {r["repeat"]: r for r in rr}, {r["repeat"]: r for r in sc}
+    diffs = []
+    for repeat in sorted(set(rr_by) & set(sc_by)):
+        base, cand = rr_by[repeat], sc_by[repeat]
+        diffs.append(cand["error_rate"] - base["error_rate"]
+                     + 0.5 * (cand["p99_ms"] - base["p99_ms"]) / max(base["p99_ms"], 1e-9))
+    if not diffs:
+        return []
+    mean = statistics.fmean(diffs)
+    noise = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    if mean > 0 and mean > 2 * noise:
+        return [{"metric": "objective", "difference": mean, "noise": noise}]
+    return []
 
 
 def _cell_stats(cell: list[dict[str, Any]]) -> dict[str, float]:
@@ -338,11 +360,16 @@ def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     if "scored_worse" in summary:
         worse = summary["scored_worse"]
         if worse:
-            lines.append("scored is worse than round_robin beyond noise on:")
+            lines.append("scored is worse than round_robin beyond noise, metric by metric, on:")
             lines += [f"  {w['scenario']} {w['metric']}: {w['scored']:.3f} vs "
                       f"{w['round_robin']:.3f} (noise {w['noise']:.3f})" for w in worse]
         else:
-            lines.append("scored is worse than round_robin beyond noise on no scenario")
+            lines.append("scored is worse than round_robin beyond noise on no scenario "
+                         "and no metric")
+        worse = summary["scored_worse_objective"]
+        lines.append("on the objective (error rate + 0.5 x p99 / round_robin's p99), scored is "
+                     + ("worse beyond noise on: " + ", ".join(w["scenario"] for w in worse)
+                        if worse else "worse beyond noise on no scenario"))
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ TOKEN = "s3cret-token"
 
 
 def make_admin(token: str = TOKEN, workers=lambda: [101, 102]):
-    config = {"LB_ADMIN_TOKEN": token, "LB_ERROR_POINTS": "25"}
+    config = {"LB_ADMIN_TOKEN": token, "LB_ERROR_POINTS": "25", "LB_SCORE_THRESHOLD": "20"}
     settings = load_settings(environ={}, overrides=config)
     server = fakeredis.FakeServer()
     pool = Pool(settings, redis_factory=lambda: fakeredis.FakeRedis(server=server))

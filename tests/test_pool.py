@@ -39,9 +39,18 @@ def clock() -> Clock:
     return Clock()
 
 
+# The scorer's weights these tests are written against, fixed here so that the
+# tests check the rules, not whatever `python -m bench tune` last chose.
+RULES = {"LB_SCORE_THRESHOLD": "20", "LB_SCORE_HALF_LIFE_S": "30", "LB_LATENCY_TAU_S": "5",
+         "LB_LATENCY_RATIO": "1.5", "LB_LATENCY_SLACK_MS": "20", "LB_SLOW_POINTS": "5",
+         "LB_SLOW_MAX_POINTS": "5", "LB_FAST_BONUS": "0.5", "LB_ERROR_POINTS": "8",
+         "LB_ERROR_QUIET": "0.02", "LB_SUCCESS_BONUS": "1", "LB_BLOCK_TURNS": "10",
+         "LB_BLOCK_MIN_S": "2", "LB_BLOCK_MAX_S": "60"}
+
+
 def make_pool(client: redis.Redis, clock=lambda: 1000.0, backends: str = BACKENDS,
               pool: str = "t", **env: str) -> Pool:
-    settings = load_settings(environ={"LB_BACKENDS": backends, "LB_POOL": pool, **env})
+    settings = load_settings(environ={**RULES, "LB_BACKENDS": backends, "LB_POOL": pool, **env})
     return Pool(settings, redis_factory=lambda: client, clock=clock)
 
 
