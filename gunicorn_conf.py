@@ -108,6 +108,13 @@ def child_exit(server, worker):
             pass
 
 
+def post_worker_init(worker):
+    # The echo app's `dead` profile needs the worker, to close its port later.
+    hook = getattr(worker.wsgi, "extensions", {}).get("echo.on_worker_init")
+    if hook:
+        hook(worker)
+
+
 def post_fork(server, worker):
     # Workers must not hold the master's admin socket open.
     admin = getattr(server, "admin_server", None)

@@ -8,19 +8,26 @@ Settings (environment, or the `config` mapping in tests):
                     profile of errors and latency (apps/simulate.py)
     ECHO_INSTANCE   this instance's index (0, 1, 2...), part of its profile
     ECHO_MAX_BODY   largest accepted body in bytes (default 10 MiB); larger gets 413
+    ECHO_PROFILE    a named, time-varying profile for this instance instead of the
+                    seeded one, e.g. `fail_recover:start=5,period=10` (apps/simulate.py)
+    ECHO_SCENARIO   a JSON file mapping instance indexes to such specs, e.g.
+                    {"0": "dead:start=2", "2": "flapping:period=3"}
     ECHO_ERROR_RATE, ECHO_MEAN_LATENCY_MS
-                    override the seeded profile's error probability / mean latency,
-                    to give one instance a known fault
+                    override the profile's base error probability / mean latency
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import json
 import os
+import socket
+import struct
 import sys
+import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from flask import Flask, Response, jsonify, request
 
@@ -30,6 +37,8 @@ from apps.errors import json_error, register_json_errors
 
 ECHO_METHODS = ["POST", "PUT", "PATCH"]
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
+# A hung request waits this long (until the process stops, in practice).
+HANG_S = 3600.0
 
 
 def _setting(source: Mapping[str, Any], name: str, default: Any, kind: type = int) -> Any:
@@ -40,44 +49,141 @@ def _setting(source: Mapping[str, Any], name: str, default: Any, kind: type = in
         sys.exit(f"echo: invalid setting {name}: {raw!r} is not {kind.__name__}")
 
 
+def resolve_profile(source: Mapping[str, Any], seed: int, instance: int) -> simulate.Profile:
+    """The seeded profile, then a scenario file's spec, ECHO_PROFILE, and the overrides."""
+    profile = simulate.profile_for(seed, instance)
+    specs = []
+    if source.get("ECHO_SCENARIO"):
+        try:
+            with open(source["ECHO_SCENARIO"]) as handle:
+                scenario = json.load(handle)
+        except (OSError, ValueError) as exc:
+            sys.exit(f"echo: invalid setting ECHO_SCENARIO: {exc}")
+        specs.append(scenario.get(str(instance)))
+    specs.append(source.get("ECHO_PROFILE"))
+    for spec in filter(None, specs):
+        try:
+            profile = simulate.with_spec(profile, spec)
+        except ValueError as exc:
+            sys.exit(f"echo: invalid setting ECHO_PROFILE: {exc}")
+    return dataclasses.replace(
+        profile,
+        error_rate=_setting(source, "ECHO_ERROR_RATE", profile.error_rate, float),
+        mean_latency_ms=_setting(source, "ECHO_MEAN_LATENCY_MS", profile.mean_latency_ms, float))
+
+
+class Faults:
+    """WSGI middleware that makes each request meet the instance's current phase:
+    added latency, a simulated 500 (503 for /health), a hang, or a dropped
+    connection. Drops happen here, outside Flask, which would turn an
+    exception into a 500 instead of letting the connection go."""
+
+    def __init__(self, app: Callable, profile: simulate.Profile, name: str,
+                 clock: Callable[[], float], sleep: Callable[[float], None]) -> None:
+        self.app = app
+        self.profile = profile
+        self.name = name
+        self.clock = clock
+        self.sleep = sleep
+        self.started = clock()
+        # The key of a request without X-Request-ID; next() on a count is atomic under the GIL.
+        self.counter = itertools.count()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/profile":
+            return self.app(environ, start_response)
+        health = path == "/health"
+        key = environ.get("HTTP_X_REQUEST_ID") or f"n{next(self.counter)}"
+        outcome = simulate.draw(self.profile, f"health:{key}" if health else key, self.elapsed())
+        if outcome.hang:
+            self.sleep(HANG_S)
+        if outcome.dead or outcome.reset or outcome.hang:
+            drop_connection(environ)
+        if outcome.latency_s:
+            self.sleep(outcome.latency_s)
+        if outcome.fail:
+            response = json_error(503 if health else 500, "simulated failure",
+                                  instance=self.name, state=self.state())
+            return response(environ, start_response)
+        return self.app(environ, start_response)
+
+    def state(self) -> str:
+        return simulate.phase_at(self.profile, self.elapsed()).state
+
+
+def drop_connection(environ: Mapping[str, Any]) -> None:
+    """Reset the client's connection: SO_LINGER 0 makes Gunicorn's close send RST."""
+    sock = environ.get("gunicorn.socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # Gunicorn takes ECONNRESET for a client gone and closes quietly.
+    raise ConnectionResetError(errno.ECONNRESET, "simulated connection reset")
+
+
+def close_listeners(worker: Any) -> None:
+    """Close the port for good while the process lives on (the `dead` profile).
+
+    Shutting the listening socket down makes the kernel refuse new
+    connections for every process sharing it; the worker first stops polling
+    it, so it never tries to accept on a dead socket (Gunicorn 27's gthread).
+    """
+    listeners, worker.sockets = worker.sockets, []
+    for listener in listeners:
+        try:
+            worker.poller.unregister(listener)
+        except (KeyError, ValueError):
+            pass
+        try:
+            listener.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    print("echo: port closed (profile `dead`)", flush=True)
+
+
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build one echo instance. `config` overrides the environment; it may also
-    hold `sleep`, the function used for simulated latency (tests pass a fake)."""
+    hold `sleep` and `clock`, used for simulated latency and elapsed time (tests
+    pass fakes)."""
     source = {**os.environ, **(config or {})}
     seed = _setting(source, "SEED", 0)
     instance = _setting(source, "ECHO_INSTANCE", 0)
     sleep: Callable[[float], None] = source.get("sleep", time.sleep)
+    clock: Callable[[], float] = source.get("clock", time.monotonic)
 
     app = Flask(__name__, static_folder=None)
     max_body = _setting(source, "ECHO_MAX_BODY", DEFAULT_MAX_BODY)
     register_json_errors(app)
-    profile = simulate.profile_for(seed, instance)
-    profile = dataclasses.replace(
-        profile,
-        error_rate=_setting(source, "ECHO_ERROR_RATE", profile.error_rate, float),
-        mean_latency_ms=_setting(source, "ECHO_MEAN_LATENCY_MS", profile.mean_latency_ms, float))
+    profile = resolve_profile(source, seed, instance)
     name = f"echo-{instance}"
-    # The key of a request without X-Request-ID; next() on a count is atomic under the GIL.
-    counter = itertools.count()
+    faults = Faults(app.wsgi_app, profile, name, clock, sleep)
+    app.wsgi_app = faults  # type: ignore[method-assign]
     print(f"{name}: profile {json.dumps(dataclasses.asdict(profile))}", flush=True)
+
+    def on_worker_init(worker: Any) -> None:
+        """Called by gunicorn_conf's post_worker_init: schedule a `dead` profile's end."""
+        if profile.kind == "dead":
+            delay = max(0.0, profile.start_s - faults.elapsed())
+            timer = threading.Timer(delay, close_listeners, args=(worker,))
+            timer.daemon = True
+            timer.start()
+
+    app.extensions["echo.on_worker_init"] = on_worker_init
 
     @app.get("/health")
     def health() -> Response:
-        return jsonify(instance=name, state=profile.state)
+        return jsonify(instance=name, state=faults.state())
 
     @app.get("/profile")
     def show_profile() -> Response:
-        return jsonify(id=name, **dataclasses.asdict(profile))
+        return jsonify(id=name, state=faults.state(), **dataclasses.asdict(profile))
 
     @app.route("/", defaults={"path": ""}, methods=ECHO_METHODS)
     @app.route("/<path:path>", methods=ECHO_METHODS)
     def echo(path: str) -> Response:
-        key = request.headers.get("X-Request-ID") or f"n{next(counter)}"
-        outcome = simulate.draw(profile, key)
-        if outcome.latency_s:
-            sleep(outcome.latency_s)
-        if outcome.fail:
-            return json_error(500, "simulated failure", instance=name)
         if not request.is_json:
             return json_error(415, "expected Content-Type: application/json",
                               got=request.content_type)

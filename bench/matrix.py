@@ -31,7 +31,7 @@ SUITES = {
     "quick": ([1, 2], [3], 1000, 1),
 }
 LIVE_SUITES = {
-    "default": ([1, 2, 3, 7], [3, 5], 500, 1),
+    "default": ([1, 2, 3, 7], [3, 5], 500, 2),
     "full": (list(range(1, 9)), [3, 5], 1000, 2),
     "quick": ([7], [3], 200, 1),
 }
@@ -144,12 +144,16 @@ def run_live(cells: list[Cell], env: dict[str, str], out: Path) -> list[dict[str
 
 
 def _fault_env(scenario: Scenario, instance: int) -> dict[str, str]:
-    """The echo settings that give `instance` the scenario's known fault, if any."""
+    """The echo settings that give `instance` the scenario's profile and fault, if any."""
+    env = {}
+    for index, spec in scenario.specs:
+        if index == instance:
+            env["ECHO_PROFILE"] = spec
     for index, error_rate, mean_latency_ms in scenario.faults:
         if index == instance:
-            return {"ECHO_ERROR_RATE": str(error_rate),
-                    "ECHO_MEAN_LATENCY_MS": str(mean_latency_ms)}
-    return {}
+            env.update(ECHO_ERROR_RATE=str(error_rate),
+                       ECHO_MEAN_LATENCY_MS=str(mean_latency_ms))
+    return env
 
 
 def _live_row(cell: Cell, measured: dict[str, Any], admin: str) -> dict[str, Any]:

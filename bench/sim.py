@@ -33,7 +33,7 @@ import redis
 
 from apps import simulate
 from apps.retry import may_retry
-from scorer.pool import CONNECT, TIMEOUT, Outcome, Pool
+from scorer.pool import CONNECT, PROTOCOL, TIMEOUT, Outcome, Pool
 from scorer.settings import Backend, load_settings
 
 STRATEGIES = ("round_robin", "scored", "oracle")
@@ -62,6 +62,9 @@ class Scenario:
     # Known faults instead of the seeded profile: (instance, error_rate, mean_latency_ms),
     # as ECHO_ERROR_RATE and ECHO_MEAN_LATENCY_MS give an echo instance.
     faults: tuple[tuple[int, float, float], ...] = ()
+    # Named time-varying profiles instead of the seeded ones: (instance, spec), as
+    # ECHO_PROFILE gives an echo instance, e.g. (0, "dead:start=2").
+    specs: tuple[tuple[int, str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -69,6 +72,9 @@ class Scenario:
 
     def profile(self, instance: int) -> simulate.Profile:
         profile = simulate.profile_for(self.seed, instance)
+        for index, spec in self.specs:
+            if index == instance:
+                profile = simulate.with_spec(profile, spec)
         for index, error_rate, mean_latency_ms in self.faults:
             if index == instance:
                 profile = replace(profile, error_rate=error_rate,
@@ -119,7 +125,16 @@ class SimBackend:
         self.profile = profile
         self.free = threads
         self.queue: deque[Callable[[], None]] = deque()
-        self.mean_s = profile.mean_latency_ms / 1000 + BASE_SERVICE_S
+
+    def expected_cost(self, now: float, inflight: int, threads: int) -> float:
+        """The oracle's price of sending one more request here now."""
+        phase = simulate.phase_at(self.profile, now)
+        if phase.state in ("dead", "hanging"):
+            return math.inf
+        mean_s = phase.mean_latency_ms / 1000 + BASE_SERVICE_S
+        waiting = max(0, inflight + 1 - threads)
+        failure = max(phase.error_rate, phase.reset_rate)
+        return failure * ORACLE_ERROR_COST_S + mean_s + waiting * mean_s / threads
 
 
 class Simulation:
@@ -215,7 +230,8 @@ class Simulation:
             self.retries += 1
         tried = [*tried, backend]
         sim = self.by_id[backend.id]
-        draw = simulate.draw(sim.profile, str(request_id))
+        # Every instance starts with the run: its phase follows the virtual clock.
+        draw = simulate.draw(sim.profile, str(request_id), self.now)
         limit = min(self.settings.read_timeout, deadline - self.now)
         started = self.now
         self.inflight[backend.id] += 1
@@ -240,15 +256,23 @@ class Simulation:
             self.request_done(arrived, error is not None or status >= 500, backend)
 
         def serve() -> None:
+            if draw.hang:  # the thread is taken for good; the timeout below ends the attempt
+                return
+
             def answer() -> None:
                 if sim.queue:  # the thread goes straight to the next queued request
                     sim.queue.popleft()()
                 else:
                     sim.free += 1
-                conclude(500 if draw.fail else 200, None)
+                if draw.reset:
+                    conclude(None, PROTOCOL)
+                else:
+                    conclude(500 if draw.fail else 200, None)
             self.at(self.now + draw.latency_s + BASE_SERVICE_S, answer)
 
-        if sim.free > 0:
+        if draw.dead:  # a closed port refuses at once
+            self.at(self.now, lambda: conclude(None, CONNECT))
+        elif sim.free > 0:
             sim.free -= 1
             serve()
         else:
@@ -270,16 +294,20 @@ class Simulation:
         tried_ids = {b.id for b in tried}
         best, best_cost = None, math.inf
         n = len(self.backends)
+        # Knowing every phase, the oracle never picks a dead or hung backend
+        # while another will do; with none left it picks one anyway.
         for step in range(n):  # rotating the start breaks ties fairly
             sim = self.backends[(self.oracle_rotation + step) % n]
             if sim.backend.id in tried_ids:
                 continue
-            waiting = max(0, self.inflight[sim.backend.id] + 1 - self.scenario.backend_threads)
-            cost = (sim.profile.error_rate * ORACLE_ERROR_COST_S + sim.mean_s
-                    + waiting * sim.mean_s / self.scenario.backend_threads)
+            cost = sim.expected_cost(self.now, self.inflight[sim.backend.id],
+                                     self.scenario.backend_threads)
             if cost < best_cost - 1e-12:
                 best, best_cost = sim, cost
         self.oracle_rotation += 1
+        if best is None:
+            untried = [b for b in self.backends if b.backend.id not in tried_ids]
+            best = untried[0] if untried else None
         return best.backend if best else None
 
     def result(self) -> SimResult:

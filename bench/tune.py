@@ -27,20 +27,21 @@ from scorer.settings import TABLE
 
 # The knobs searched, and the values tried for each. In-flight caps, timeouts
 # and retries are not here: they are safety limits, not the scorer's weights.
+# Nor are the latency ratio, slack and smoothing: they are what keeps a healthy
+# pool free of false blocks, and the simulator's healthy backends lack the
+# noise of real ones (a cold start, a GC pause, a busy core), so it cannot
+# judge them; they are set by hand with a margin (see the README).
 SPACE: dict[str, list[str]] = {
     "LB_SCORE_THRESHOLD": ["10", "15", "20", "30", "40"],
     "LB_ERROR_POINTS": ["4", "6", "8", "12", "16"],
     "LB_SLOW_POINTS": ["2", "5", "10", "20"],
     "LB_SLOW_MAX_POINTS": ["2", "5", "10", "20"],
-    "LB_LATENCY_RATIO": ["1.2", "1.5", "2", "3"],
-    "LB_LATENCY_SLACK_MS": ["10", "20", "50"],
     "LB_FAST_BONUS": ["0", "0.5", "1", "2"],
     "LB_SUCCESS_BONUS": ["0.5", "1", "2"],
     "LB_RELATIVE_CREDIT": ["0", "0.5", "1", "1.5"],
     "LB_ERROR_LATENCY_FACTOR": ["2", "4", "8"],
     "LB_ERROR_QUIET": ["0.01", "0.02", "0.05"],
     "LB_SCORE_HALF_LIFE_S": ["10", "30", "120"],
-    "LB_LATENCY_TAU_S": ["2", "5", "15"],
     "LB_BLOCK_TURNS": ["5", "10", "20", "40"],
     "LB_BLOCK_MIN_S": ["0.5", "1", "2", "5"],
     "LB_BLOCK_MAX_S": ["20", "60", "120"],
@@ -51,6 +52,9 @@ DEFAULTS = {row.name: row.default for row in TABLE}
 RUNGS = [(range(1, 3), 1000), (range(1, 5), 2000), (range(1, 9), 3000)]
 HEALTHY = Scenario(seed=0, instances=3, requests=3000)
 HELD_OUT_SEEDS = range(101, 109)
+# Settings must beat the defaults on held-out seeds by more than this share of
+# the objective to replace them: smaller gains are within run-to-run noise.
+WIN_MARGIN = 0.02
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
     log.update({
         "best_changes": best.changes(),
         "held_out": {"seeds": list(HELD_OUT_SEEDS), "requests": args.held_out_requests,
-                     "best": best.objective, "defaults": defaults.objective, **totals},
+                     "objective": {"best": best.objective, "defaults": defaults.objective},
+                     "totals": totals},
         "wall_s": round(time.monotonic() - started, 1),
     })
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -215,8 +220,12 @@ def report(best: Candidate, defaults: Candidate, totals: dict[str, dict[str, flo
                      f" (round_robin {t['round_robin_errors']})  p99 geomean "
                      f"{t['p99_geomean_ms']:.0f} ms (round_robin "
                      f"{t['round_robin_p99_geomean_ms']:.0f} ms)")
-    verdict = ("the best settings win on held-out seeds: adopt them as the defaults"
-               if best.objective < defaults.objective and best.changes()
-               else "the defaults hold on held-out seeds")
+    gain = 1 - best.objective / defaults.objective if defaults.objective else 0.0
+    if best.changes() and gain > WIN_MARGIN:
+        verdict = (f"the best settings win on held-out seeds by {gain:.1%}: "
+                   "adopt them as the defaults")
+    else:
+        verdict = (f"the defaults hold on held-out seeds (the best settings gain {gain:.1%}, "
+                   f"under the {WIN_MARGIN:.0%} margin that run-to-run noise can reach)")
     lines.append(verdict)
     return "\n".join(lines)

@@ -70,29 +70,17 @@ def test_healthy_pool_under_scored_splits_exactly(redis_server, log_dir):
             p.stop()
 
 
-def test_a_failing_instance_serves_clearly_fewer_under_scored(redis_server, log_dir):
-    echoes = echo_pool(log_dir, {"ECHO_ERROR_RATE": "0.5"})
+@pytest.mark.parametrize("fault", [{"ECHO_ERROR_RATE": "0.5"},
+                                   {"ECHO_MEAN_LATENCY_MS": "300"}], ids=["failing", "slow"])
+def test_a_faulty_instance_serves_clearly_fewer_under_scored(redis_server, log_dir, fault):
+    echoes = echo_pool(log_dir, fault)
     try:
         results = compare_strategies(echoes, redis_server, log_dir)
     finally:
         for p, _ in echoes:
             p.stop()
-    failing, *healthy = [url.removeprefix("http://") for _, url in echoes]
+    faulty, *healthy = [url.removeprefix("http://") for _, url in echoes]
     assert set(results["round_robin"].values()) == {100}
     scored = results["scored"]
-    assert scored[failing] < 50, scored
+    assert scored[faulty] < 50, scored
     assert all(scored[h] > 125 for h in healthy), scored
-
-
-def test_a_slow_instance_serves_clearly_fewer_under_scored(redis_server, log_dir):
-    echoes = echo_pool(log_dir, {"ECHO_MEAN_LATENCY_MS": "300"})
-    try:
-        results = compare_strategies(echoes, redis_server, log_dir)
-    finally:
-        for p, _ in echoes:
-            p.stop()
-    slow, *fast = [url.removeprefix("http://") for _, url in echoes]
-    assert set(results["round_robin"].values()) == {100}
-    scored = results["scored"]
-    assert scored[slow] < 50, scored
-    assert all(scored[f] > 125 for f in fast), scored

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from apps.echo import create_app
+from apps.echo import HANG_S, create_app
 from apps.simulate import draw, profile_for
 
 
@@ -72,8 +72,9 @@ def test_other_methods_get_405_with_allow(sleeps, method):
 
 
 def test_health_and_profile(sleeps):
+    assert make_client(sleeps, ECHO_INSTANCE=2).get("/health").get_json() == {
+        "instance": "echo-2", "state": "healthy"}
     client = make_client(sleeps, SEED=11, ECHO_INSTANCE=2)
-    assert client.get("/health").get_json() == {"instance": "echo-2", "state": "steady"}
     profile = client.get("/profile").get_json()
     assert (profile["id"], profile["instance"]) == ("echo-2", 2)
     assert profile["error_rate"] == profile_for(11, 2).error_rate
@@ -117,3 +118,99 @@ def test_a_known_fault_overrides_the_seeded_profile(sleeps):
     assert client.get("/profile").get_json()["error_rate"] == 1.0
     response = client.post("/", data=b"{}", content_type="application/json")
     assert response.status_code == 500 and len(sleeps) == 1 and sleeps[0] > 0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def post(client, **headers):
+    return client.post("/", data=b"{}", content_type="application/json", headers=headers)
+
+
+def test_fail_then_recover_follows_the_clock(sleeps):
+    clock = FakeClock()
+    client = make_client(sleeps, clock=clock, ECHO_PROFILE="fail_recover:start=5,period=10")
+    assert post(client).status_code == 200 and client.get("/health").status_code == 200
+    clock.now = 6
+    assert post(client).status_code == 500
+    health = client.get("/health")
+    assert health.status_code == 503 and health.get_json()["state"] == "failing"
+    clock.now = 15.5
+    assert post(client).status_code == 200
+    assert client.get("/health").get_json()["state"] == "healthy"
+
+
+def test_a_degrading_instance_answers_ever_more_slowly(sleeps):
+    clock = FakeClock()
+    client = make_client(sleeps, clock=clock,
+                         ECHO_PROFILE="degrading:start=0,period=10,factor=5,latency=100")
+    means = []
+    for t in (0, 5, 10, 20):
+        clock.now = t
+        sleeps.clear()
+        for i in range(200):
+            post(client, **{"X-Request-ID": f"{t}-{i}"})
+        means.append(sum(sleeps) / 200)
+    assert means[0] < means[1] < means[2]
+    assert means[2] == pytest.approx(0.5, rel=0.15) and means[3] == pytest.approx(0.5, rel=0.15)
+    # The health check is slow too.
+    sleeps.clear()
+    client.get("/health")
+    assert sleeps and sleeps[0] > 0.05
+
+
+@pytest.mark.parametrize("spec", ["hang:start=0", "reset:start=0,factor=1", "dead:start=0"])
+def test_hung_reset_and_dead_instances_never_answer(sleeps, spec):
+    client = make_client(sleeps, ECHO_PROFILE=spec)
+    with pytest.raises(ConnectionResetError):
+        post(client)
+    assert (HANG_S in sleeps) == spec.startswith("hang")
+
+
+def test_a_dead_instance_closes_its_port_on_time():
+    import selectors
+    import socket
+
+    from apps.echo import close_listeners
+
+    class Listener:  # as Gunicorn's: a wrapper with .sock, registered itself
+        def __init__(self) -> None:
+            self.sock = socket.create_server(("127.0.0.1", 0))
+
+        def fileno(self) -> int:
+            return self.sock.fileno()
+
+    class Worker:
+        def __init__(self) -> None:
+            self.sockets = [Listener()]
+            self.poller = selectors.DefaultSelector()
+            self.poller.register(self.sockets[0], selectors.EVENT_READ)
+
+    worker = Worker()
+    listener = worker.sockets[0]
+    port = listener.sock.getsockname()[1]
+    close_listeners(worker)
+    assert worker.sockets == [] and not worker.poller.get_map()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2)
+    listener.sock.close()
+
+
+def test_profiles_from_a_scenario_file(tmp_path, sleeps):
+    scenario = tmp_path / "scenario.json"
+    scenario.write_text(json.dumps({"1": "flapping:start=0,period=2"}))
+    client = make_client(sleeps, ECHO_INSTANCE=1, ECHO_SCENARIO=str(scenario))
+    assert client.get("/profile").get_json()["kind"] == "flapping"
+    other = make_client(sleeps, ECHO_INSTANCE=0, ECHO_SCENARIO=str(scenario))
+    assert other.get("/profile").get_json()["kind"] == "steady"
+
+
+def test_a_bad_profile_stops_start_up_with_one_line(sleeps):
+    with pytest.raises(SystemExit) as caught:
+        make_client(sleeps, ECHO_PROFILE="melting:start=1")
+    assert str(caught.value).startswith("echo: invalid setting ECHO_PROFILE: unknown profile kind")

@@ -6,7 +6,8 @@ import statistics
 import pytest
 
 from apps.simulate import (
-    LATENCY_CAP_FACTOR, MAX_ERROR_RATE, MAX_MEAN_LATENCY_MS, Profile, draw, profile_for,
+    LATENCY_CAP_FACTOR, MAX_ERROR_RATE, MAX_MEAN_LATENCY_MS, Profile, draw, parse_spec, phase_at,
+    profile_for, with_spec,
 )
 
 
@@ -53,3 +54,52 @@ def test_error_rate_and_mean_latency_match_the_profile():
     q = statistics.quantiles(latencies, n=100)
     assert q[98] > 2 * q[49]
     assert max(latencies) <= LATENCY_CAP_FACTOR * 0.2
+
+
+@pytest.mark.parametrize("spec, times, states", [
+    ("steady:start=0", [0, 100], ["healthy", "healthy"]),
+    ("degrading:start=5,period=10", [0, 6, 20], ["healthy", "degrading", "degrading"]),
+    ("fail_recover:start=5,period=10", [4.9, 5, 14.9, 15], ["healthy", "failing", "failing",
+                                                             "healthy"]),
+    ("flapping:start=2,period=3", [1, 2, 4.9, 5, 8, 11], ["healthy", "healthy", "healthy",
+                                                          "failing", "healthy", "failing"]),
+    ("hang:start=3", [2.9, 3], ["healthy", "hanging"]),
+    ("dead:start=3", [2.9, 3], ["healthy", "dead"]),
+    ("reset:start=1,factor=0.2", [0, 1], ["healthy", "resetting"]),
+])
+def test_each_profile_follows_its_timeline(spec, times, states):
+    profile = with_spec(profile_for(0, 0), spec)
+    assert [phase_at(profile, t).state for t in times] == states
+
+
+def test_a_degrading_latency_ramps_to_its_peak():
+    profile = with_spec(profile_for(0, 0), "degrading:start=0,period=10,factor=4,latency=50")
+    means = [phase_at(profile, t).mean_latency_ms for t in (0, 5, 10, 60)]
+    assert means == [50, 125, 200, 200]
+
+
+def test_draws_follow_the_phase():
+    profile = with_spec(profile_for(0, 0), "fail_recover:start=5,period=5")
+    assert not draw(profile, "k", 1).fail and draw(profile, "k", 6).fail
+    assert draw(with_spec(profile, "hang:start=0"), "k").hang
+    assert draw(with_spec(profile, "dead:start=0"), "k").dead
+    resets = [draw(with_spec(profile, "reset:start=0,factor=0.3"), str(k)).reset
+              for k in range(2000)]
+    assert sum(resets) / 2000 == pytest.approx(0.3, abs=0.04)
+
+
+def test_seeds_also_draw_changing_profiles():
+    kinds = [profile_for(seed, i).kind for seed in range(1, 200) for i in range(5)]
+    steady = kinds.count("steady") / len(kinds)
+    assert steady == pytest.approx(0.7, abs=0.05)
+    assert set(kinds) == {"steady", "degrading", "fail_recover", "flapping", "hang", "dead",
+                          "reset"}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("melting", "unknown profile kind"), ("hang:when=3", "unknown profile parameter"),
+    ("hang:start=soon", "is not a number"),
+])
+def test_bad_specs_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_spec(spec)
