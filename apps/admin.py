@@ -69,6 +69,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     def status() -> Response:
         try:
             shared, reachable = pool.status(), True
+            shared["checker"] = pool.checker()
         except redis.RedisError:
             shared = {"backends": [{"id": b.id, "url": b.url} for b in settings.backends]}
             reachable = False

@@ -22,6 +22,7 @@ from flask import Flask, Request, Response, request
 
 from apps.body import RequestBody
 from apps.errors import json_error, register_json_errors
+from apps.health import HealthChecker
 from apps.retry import may_retry
 from apps.upstream import (
     STREAM_CHUNK, BodyStream, InFlight, UpstreamError, Upstreams, client_response_headers,
@@ -230,6 +231,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     forwarder = Forwarder(settings, pool, Upstreams(settings, maxsize=threads),
                           InFlight(settings.backends, settings.max_inflight))
     app.extensions["lb.forwarder"] = forwarder
+    if settings.check_interval_s > 0:
+        checker = HealthChecker(settings, pool)
+        checker.start()
+        app.extensions["lb.health"] = checker
 
     @app.endpoint("forward")
     def forward() -> Response:

@@ -49,6 +49,10 @@ def pool_key(pool: str) -> str:
     return f"lb:{{{pool}}}:pool"
 
 
+def checker_key(pool: str) -> str:
+    return f"lb:{{{pool}}}:checker"
+
+
 def backend_key(pool: str, backend_id: str) -> str:
     return f"lb:{{{pool}}}:b:{backend_id}"
 
@@ -69,17 +73,18 @@ def connect(settings: Settings) -> redis.Redis:
 
 
 # What an admin reset clears: score, block and the decayed history behind them.
-RESET_FIELDS = ("score", "in_block", "blocked_turns", "block_until", "block_level", "updated_at",
+RESET_FIELDS = ("score", "in_block", "trial", "ramp_at", "ramp_credit", "blocked_turns",
+                "block_until", "block_level", "updated_at",
                 "lat_sum", "lat_weight", "err_sum", "err_weight")
 
-# The settings report.lua reads, in its ARGV order (ARGV[7] onwards).
+# The settings report.lua reads, in its ARGV order (ARGV[8] onwards).
 REPORT_PARAMS = (
     "score_min", "score_max", "score_threshold", "score_half_life_s", "avg_tau_s",
     "latency_tau_s", "latency_min_samples", "latency_ratio", "latency_slack_ms",
     "slow_points", "slow_max_points", "fast_bonus", "error_points", "error_latency_factor",
     "error_tau_s", "error_quiet", "success_bonus", "block_turns", "block_turns_per_point",
     "block_min_s", "block_max_s", "reoffend_s", "max_blocked_share", "min_unblocked",
-    "relative_credit",
+    "relative_credit", "check_rise", "check_fail_points", "request_timeout",
 )
 
 
@@ -94,7 +99,7 @@ class Pool:
         self.backends = settings.backends
         self.clock = clock
         self.store = Store(redis_factory or (lambda: connect(settings)),
-                           {name: load_lua(name) for name in ("pick", "report")},
+                           {name: load_lua(name) for name in ("pick", "report", "checker")},
                            degrade=degrade, retry_s=settings.redis_retry_s,
                            marker_dir=marker_dir)
         self._index = {b.id: i for i, b in enumerate(self.backends)}
@@ -102,8 +107,9 @@ class Pool:
         self._keys = [pool_key(settings.pool),
                       *(backend_key(settings.pool, b.id) for b in self.backends)]
         self._scored = "1" if settings.strategy == "scored" else "0"
-        self._budget = [repr(settings.retry_budget), repr(settings.retry_budget_min),
-                        repr(settings.retry_budget_tau_s)]
+        self._pick_params = [repr(settings.retry_budget), repr(settings.retry_budget_min),
+                             repr(settings.retry_budget_tau_s), repr(settings.slow_start_s)]
+        self._checker_key = checker_key(settings.pool)
         self._params = [repr(getattr(settings, name)) for name in REPORT_PARAMS]
 
     @property
@@ -119,18 +125,28 @@ class Pool:
         """
         index, _panic = self.store.run(
             "pick", self._keys,
-            [repr(self.clock()), self._scored, flags, "1" if retry else "0", *self._budget])
+            [repr(self.clock()), self._scored, flags, "1" if retry else "0", *self._pick_params])
         return None if int(index) < 0 else self.backends[int(index)]
 
-    def report(self, outcome: Outcome) -> tuple[float, int]:
-        """Score one attempt's outcome; return the new score and the turns of a
-        block it started (0 for none)."""
+    def report(self, outcome: Outcome, check: bool = False) -> tuple[float, int]:
+        """Score one attempt's outcome (or a health check's, with `check`); return
+        the new score and the turns of a block it started (0 for none)."""
         score, turns = self.store.run(
             "report", self._keys,
             [repr(self.clock()), self._index[outcome.backend.id],
              f"{outcome.latency_s * 1000:.3f}", outcome.kind, outcome.status or 0,
-             self._scored, *self._params])
+             self._scored, "1" if check else "0", *self._params])
         return float(score), int(turns)
+
+    def hold_checker(self, owner: str, ttl_s: float) -> bool:
+        """Take or renew the pool's health-checker lock; whether `owner` holds it."""
+        return bool(self.store.run("checker", [self._checker_key],
+                                   [owner, str(int(ttl_s * 1000))]))
+
+    def checker(self) -> str | None:
+        """Who holds the health-checker lock now."""
+        holder = self.redis.get(self._checker_key)
+        return holder.decode() if holder else None
 
     def reset(self, backend: Backend) -> None:
         """Forget a backend's score, block and recent history (its counters stay)."""
@@ -161,6 +177,7 @@ class Pool:
             "blocks_deferred": int(pool.get("blocks_deferred", 0)),
             "block_swaps": int(pool.get("block_swaps", 0)),
             "retries_denied": int(pool.get("retries_denied", 0)),
+            "trial_picks": int(pool.get("trial_picks", 0)),
             "backends": [{"id": b.id, "url": b.url, **describe_backend(backends[b.id])}
                          for b in self.backends],
         }
@@ -189,6 +206,14 @@ def describe_backend(state: Mapping[str, str]) -> dict[str, Any]:
         "blocks": int(_number(state, "blocks")),
         "last_block_at": _number(state, "last_block_at") or None,
         "block_reason": state.get("block_reason"),
+        "trial": {"1": "offered", "2": "in flight"}.get(state.get("trial", ""), None),
+        "ramp_started_at": _number(state, "ramp_at") or None,
+        "checks": {"passed": int(_number(state, "checks_passed")),
+                   "failed": int(_number(state, "checks_failed")),
+                   "passing_streak": int(_number(state, "check_ok_streak")),
+                   "last": state.get("last_check_outcome")},
+        "trials": {"passed": int(_number(state, "trials_passed")),
+                   "failed": int(_number(state, "trials_failed"))},
         "requests": int(_number(state, "requests")),
         "outcomes": {key.removeprefix("outcome:"): int(value)
                      for key, value in state.items() if key.startswith("outcome:")},

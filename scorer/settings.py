@@ -146,6 +146,12 @@ def parse_statuses(raw: str) -> frozenset[int]:
     return frozenset(statuses)
 
 
+def parse_path(raw: str) -> str:
+    if not raw.startswith("/") or any(c.isspace() for c in raw):
+        raise ValueError(f"{raw!r} must be a path starting with '/', without spaces")
+    return raw
+
+
 def parse_pool_name(raw: str) -> str:
     # The name sits inside a Redis Cluster hash tag, so braces would break it.
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", raw):
@@ -302,6 +308,22 @@ TABLE: tuple[Setting, ...] = (
     Setting("LB_REOFFEND_S", "30", number(0), "s",
             "Blocked again within this time after the last block's minimum end: "
             "the new block is twice as long (turns and time), up to LB_BLOCK_MAX_S."),
+    # Active health checks (scorer/health.py) and the way back from a block.
+    Setting("LB_CHECK_INTERVAL_S", "0.5", number(0), "s",
+            "How often the pool's one health checker probes every backend; 0 turns "
+            "active checks off (the balancer then learns from traffic alone)."),
+    Setting("LB_CHECK_TIMEOUT_S", "0.5", parse_seconds, "s",
+            "Time a probe may take; a slower one fails."),
+    Setting("LB_CHECK_PATH", "/health", parse_path, "path",
+            "Path probed on each backend with GET; a 2xx or 3xx answer passes."),
+    Setting("LB_CHECK_RISE", "2", number(1, integer=True), "checks",
+            "Passing checks in a row after which a blocked backend gets a trial request; "
+            "if it succeeds the block ends at once, even an escalated one."),
+    Setting("LB_CHECK_FAIL_POINTS", "4", number(0), "points",
+            "Cost of a failed check: checks count against a backend without traffic."),
+    Setting("LB_SLOW_START_S", "5", number(0), "s",
+            "A backend back from a block ramps its share up linearly over this time; 0: "
+            "full share at once."),
     Setting("LB_MAX_BLOCKED_SHARE", "1", number(0, 1), "fraction",
             "At most this share of the pool is blocked at once..."),
     Setting("LB_MIN_UNBLOCKED", "1", number(0, integer=True), "backends",
@@ -361,6 +383,12 @@ class Settings:
     block_min_s: float
     block_max_s: float
     reoffend_s: float
+    check_interval_s: float
+    check_timeout_s: float
+    check_path: str
+    check_rise: int
+    check_fail_points: float
+    slow_start_s: float
     max_blocked_share: float
     min_unblocked: int
     relative_credit: float

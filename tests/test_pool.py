@@ -45,7 +45,7 @@ RULES = {"LB_SCORE_THRESHOLD": "20", "LB_SCORE_HALF_LIFE_S": "30", "LB_LATENCY_T
          "LB_LATENCY_RATIO": "1.5", "LB_LATENCY_SLACK_MS": "20", "LB_SLOW_POINTS": "5",
          "LB_SLOW_MAX_POINTS": "5", "LB_FAST_BONUS": "0.5", "LB_ERROR_POINTS": "8",
          "LB_ERROR_QUIET": "0.02", "LB_SUCCESS_BONUS": "1", "LB_BLOCK_TURNS": "10",
-         "LB_BLOCK_MIN_S": "2", "LB_BLOCK_MAX_S": "60"}
+         "LB_BLOCK_MIN_S": "2", "LB_BLOCK_MAX_S": "60", "LB_SLOW_START_S": "0"}
 
 
 def make_pool(client: redis.Redis, clock=lambda: 1000.0, backends: str = BACKENDS,
@@ -154,10 +154,10 @@ def test_the_scripts_argv_matches_the_settings_python_sends():
     source = load_lua("report")
     header = dict(re.findall(r"^-- ARGV\[(\d+)\]\s+(\w+)", source, re.MULTILINE))
     locals_ = dict(re.findall(r"^local (\w+) = (?:tonumber\()?ARGV\[(\d+)\]", source, re.MULTILINE))
-    names = [header[str(i)] for i in range(7, 7 + len(REPORT_PARAMS))]
+    names = [header[str(i)] for i in range(8, 8 + len(REPORT_PARAMS))]
     assert names == list(REPORT_PARAMS)
-    assert all(locals_[name] == str(i) for i, name in enumerate(REPORT_PARAMS, start=7))
-    assert str(7 + len(REPORT_PARAMS)) not in header
+    assert all(locals_[name] == str(i) for i, name in enumerate(REPORT_PARAMS, start=8))
+    assert str(8 + len(REPORT_PARAMS)) not in header
 
 
 # --- errors -----------------------------------------------------------------
@@ -574,3 +574,88 @@ def test_the_retry_budget_recovers_with_time(any_redis, clock):
     assert [pool.pick(retry=True) is not None for _ in range(3)] == [True, True, False]
     clock.advance(100)  # ten time constants: the old retries have faded
     assert pool.pick(retry=True) is not None
+
+
+# --- the way back: trials after passing checks, and slow start ------------------
+
+def check(pool: Pool, index: int, status: int | None = 200, error: str | None = None):
+    return pool.report(Outcome(pool.backends[index], 0.001, status, error), check=True)
+
+
+def test_failed_checks_count_against_a_backend_without_traffic(any_redis, clock):
+    pool = blocking_pool(any_redis, clock, LB_CHECK_FAIL_POINTS="10")
+    assert check(pool, 1, status=None, error=CONNECT)[0] == 10
+    _, turns = check(pool, 1, status=503)
+    assert turns > 0 and state(pool, 1)["blocked"]
+    s = state(pool, 1)
+    assert s["checks"]["failed"] == 2 and s["requests"] == 0  # checks are not traffic
+
+
+def test_passing_checks_earn_nothing(any_redis, clock):
+    pool = blocking_pool(any_redis, clock)
+    assert check(pool, 1) == (0, 0)
+    assert state(pool, 1)["checks"] == {"passed": 1, "failed": 0, "passing_streak": 1,
+                                        "last": "ok"}
+
+
+def test_a_blocked_backend_whose_checks_pass_comes_back_through_a_trial(any_redis, clock):
+    pool = blocking_pool(any_redis, clock, LB_BLOCK_TURNS="1000")
+    report(pool, 1, status=500)
+    check(pool, 1)
+    assert state(pool, 1)["trial"] is None  # one pass is not enough (rise 2)
+    check(pool, 1)
+    assert state(pool, 1)["trial"] == "offered"
+    # The cursor reaches it: one trial request, however long the block was.
+    assert ports(pool, 3) == [9001, 9002, 9003]
+    assert state(pool, 1)["trial"] == "in flight"
+    assert 9002 not in ports(pool, 6)  # no more until the trial answers
+    report(pool, 1)  # the trial succeeds: the block ends at once
+    s = state(pool, 1)
+    assert not s["blocked"] and s["score"] == 0 and s["trials"] == {"passed": 1, "failed": 0}
+    assert 9002 in ports(pool, 3)
+    assert pool.status()["trial_picks"] == 1
+
+
+def test_a_failed_trial_keeps_the_block_until_checks_pass_again(any_redis, clock):
+    pool = blocking_pool(any_redis, clock, LB_BLOCK_TURNS="1000")
+    report(pool, 1, status=500)
+    check(pool, 1), check(pool, 1)
+    ports(pool, 2)  # the trial goes out
+    report(pool, 1, status=503)
+    s = state(pool, 1)
+    assert s["blocked"] and s["trial"] is None and s["trials"]["failed"] == 1
+    assert 9002 not in ports(pool, 6)
+    check(pool, 1), check(pool, 1)
+    assert state(pool, 1)["trial"] == "offered"
+
+
+def test_a_retry_is_never_a_trial(any_redis, clock):
+    pool = blocking_pool(any_redis, clock, LB_BLOCK_TURNS="1000")
+    report(pool, 1, status=500)
+    check(pool, 1), check(pool, 1)
+    assert pool.pick("x..", retry=True).port == 9003
+    assert state(pool, 1)["trial"] == "offered"
+
+
+def test_a_backend_back_from_a_block_ramps_its_share_up(any_redis, clock):
+    pool = blocking_pool(any_redis, clock, LB_SLOW_START_S="10")
+    report(pool, 1, status=500)
+    release_time = state(pool, 1)["block_until"]
+    clock.now = release_time
+    shares = []
+    for second in range(12):  # 300 picks a second, at each second of the ramp
+        picks = ports(pool, 300)
+        shares.append(picks.count(9002) / len(picks))
+        clock.advance(1)
+    fair = 1 / 3
+    assert shares[0] < 0.05 * fair + 0.02        # starts near nothing
+    assert 0.3 * fair < shares[5] < 0.75 * fair  # about half way at 5 s
+    assert shares[11] == pytest.approx(fair, abs=0.01)  # full share after 10 s
+    assert all(a <= b + 0.02 for a, b in zip(shares, shares[1:]))  # never going back
+
+
+def test_turning_slow_start_off_gives_the_full_share_at_once(any_redis, clock):
+    pool = blocking_pool(any_redis, clock, LB_SLOW_START_S="0")
+    report(pool, 1, status=500)
+    release(pool, clock, 1)
+    assert ports(pool, 3).count(9002) == 1

@@ -13,6 +13,8 @@
 -- ARGV[5]  retry_budget        retries allowed as a share of recent requests...
 -- ARGV[6]  retry_budget_min    ...plus this many
 -- ARGV[7]  retry_budget_tau_s  time constant of the recent request and retry counts
+-- ARGV[8]  slow_start_s        time a backend back from a block takes to ramp up to
+--                              its full share
 -- Returns  {index, panic}: the 0-based index of the picked backend, and 1 when
 --          every candidate was blocked and the lowest score was taken instead
 --          (when only busy ones were left, one is taken over its cap: not panic); {-1, 0} when a retry is refused: over budget, or no
@@ -21,7 +23,10 @@
 -- Rules: the cursor moves one slot at a time. A blocked backend (in_block = 1)
 -- it passes loses one turn and is skipped. A block ends when the cursor reaches
 -- the backend with its turns used up *and* its minimum end time (block_until)
--- passed: its score restarts from 0 and it is picked at once.
+-- passed: its score restarts from 0 and it is picked at once. A blocked backend
+-- whose health checks passed (trial = 1, set by report.lua) gets one trial
+-- request instead. A backend back from a block ramps its share up over
+-- slow_start_s (the ramp is skipped like a busy backend, never panicked over).
 -- When every candidate is blocked or busy the request still goes somewhere: to
 -- a busy unblocked backend if there is one, else a blocked one; the lowest
 -- score first, ties broken in cursor order (panic mode), and it is counted.
@@ -33,6 +38,7 @@ local is_retry = ARGV[4] == '1'
 local retry_budget = tonumber(ARGV[5])
 local retry_budget_min = tonumber(ARGV[6])
 local retry_budget_tau_s = tonumber(ARGV[7])
+local slow_start_s = tonumber(ARGV[8])
 
 local pool_key = KEYS[1]
 local n = #KEYS - 1
@@ -67,24 +73,43 @@ local blocked_at = {}
 for step = 1, n do
     local index = (last + step) % n
     local key = KEYS[index + 2]
-    local blocked = false
+    local blocked, ramping = false, false
     if honour_blocks then
-        local block = redis.call('HMGET', key, 'in_block', 'blocked_turns', 'block_until')
-        if block[1] == '1' then
-            local turns = num(block[2])
-            if turns > 0 or now < num(block[3]) then
+        local state = redis.call('HMGET', key, 'in_block', 'blocked_turns', 'block_until',
+                                 'trial', 'ramp_at', 'ramp_credit')
+        if state[1] == '1' then
+            local turns = num(state[2])
+            if state[4] == '1' and flag(index) == '.' and not is_retry then
+                -- Its health checks passed: one trial request (half-open).
+                redis.call('HSET', key, 'trial', 2, 'trial_at', now)
+                return take(index, 'trial_picks')
+            elseif turns > 0 or now < num(state[3]) then
                 blocked = true
                 if turns > 0 then
                     redis.call('HSET', key, 'blocked_turns', turns - 1)
                 end
             else
                 -- The block is over. Whatever answers arrived during it, the
-                -- backend starts again from a clean score and its full share.
-                redis.call('HSET', key, 'in_block', 0, 'score', 0)
+                -- backend starts again from a clean score, ramping up its share.
+                redis.call('HSET', key, 'in_block', 0, 'trial', 0, 'score', 0,
+                           'ramp_at', now, 'ramp_credit', 0)
+                state[5], state[6] = now, 0
+            end
+        end
+        if not blocked and num(state[5]) > 0 then
+            -- Slow start: a share growing linearly over slow_start_s. Each pass adds
+            -- the current fraction to a credit; a whole credit buys one pick.
+            local ramp = (now - num(state[5])) / slow_start_s
+            if slow_start_s <= 0 or ramp >= 1 then
+                redis.call('HDEL', key, 'ramp_at', 'ramp_credit')
+            else
+                local credit = num(state[6]) + math.max(ramp, 0.05)
+                ramping = credit < 1
+                redis.call('HSET', key, 'ramp_credit', ramping and credit or credit - 1)
             end
         end
     end
-    if not blocked and flag(index) == '.' then
+    if not blocked and not ramping and flag(index) == '.' then
         return take(index, nil)
     end
     blocked_at[index] = blocked

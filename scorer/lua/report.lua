@@ -1,5 +1,6 @@
--- report: score one upstream attempt and block its backend when the score says so.
--- This file is the scorer: every rule that turns outcomes into scores and blocks.
+-- report: score one upstream attempt, or one health check, and block its backend
+-- when the score says so. This file is the scorer: every rule that turns outcomes
+-- into scores, blocks and trials.
 --
 -- KEYS[1]      lb:{pool}:pool      hash: the pool's latency averages (avg_sum,
 --                                  avg_weight; all_sum, all_weight), error rate
@@ -13,31 +14,35 @@
 --                               'connect', 'timeout' or 'protocol'
 -- ARGV[5]  status               HTTP status, 0 when there was none
 -- ARGV[6]  may_block            1 (strategy `scored`) or 0 (keep scores, never block)
--- ARGV[7]  score_min            ARGV[7..31]: the LB_* settings of the same name
--- ARGV[8]  score_max
--- ARGV[9]  score_threshold
--- ARGV[10] score_half_life_s
--- ARGV[11] avg_tau_s
--- ARGV[12] latency_tau_s
--- ARGV[13] latency_min_samples
--- ARGV[14] latency_ratio
--- ARGV[15] latency_slack_ms
--- ARGV[16] slow_points
--- ARGV[17] slow_max_points
--- ARGV[18] fast_bonus
--- ARGV[19] error_points
--- ARGV[20] error_latency_factor
--- ARGV[21] error_tau_s
--- ARGV[22] error_quiet
--- ARGV[23] success_bonus
--- ARGV[24] block_turns
--- ARGV[25] block_turns_per_point
--- ARGV[26] block_min_s
--- ARGV[27] block_max_s
--- ARGV[28] reoffend_s
--- ARGV[29] max_blocked_share
--- ARGV[30] min_unblocked
--- ARGV[31] relative_credit
+-- ARGV[7]  is_check             1 for an active health check's result, 0 for traffic
+-- ARGV[8]  score_min            ARGV[8..35]: the LB_* settings of the same name
+-- ARGV[9]  score_max
+-- ARGV[10] score_threshold
+-- ARGV[11] score_half_life_s
+-- ARGV[12] avg_tau_s
+-- ARGV[13] latency_tau_s
+-- ARGV[14] latency_min_samples
+-- ARGV[15] latency_ratio
+-- ARGV[16] latency_slack_ms
+-- ARGV[17] slow_points
+-- ARGV[18] slow_max_points
+-- ARGV[19] fast_bonus
+-- ARGV[20] error_points
+-- ARGV[21] error_latency_factor
+-- ARGV[22] error_tau_s
+-- ARGV[23] error_quiet
+-- ARGV[24] success_bonus
+-- ARGV[25] block_turns
+-- ARGV[26] block_turns_per_point
+-- ARGV[27] block_min_s
+-- ARGV[28] block_max_s
+-- ARGV[29] reoffend_s
+-- ARGV[30] max_blocked_share
+-- ARGV[31] min_unblocked
+-- ARGV[32] relative_credit
+-- ARGV[33] check_rise
+-- ARGV[34] check_fail_points
+-- ARGV[35] request_timeout
 -- Returns  {score, blocked_turns}: the score after this report (as a string,
 --          Redis would truncate a number) and the turns of a block it started, or 0.
 --
@@ -52,31 +57,35 @@ local latency_ms = tonumber(ARGV[3])
 local outcome = ARGV[4]
 local status = ARGV[5]
 local may_block = ARGV[6] == '1'
-local score_min = tonumber(ARGV[7])
-local score_max = tonumber(ARGV[8])
-local score_threshold = tonumber(ARGV[9])
-local score_half_life_s = tonumber(ARGV[10])
-local avg_tau_s = tonumber(ARGV[11])
-local latency_tau_s = tonumber(ARGV[12])
-local latency_min_samples = tonumber(ARGV[13])
-local latency_ratio = tonumber(ARGV[14])
-local latency_slack_ms = tonumber(ARGV[15])
-local slow_points = tonumber(ARGV[16])
-local slow_max_points = tonumber(ARGV[17])
-local fast_bonus = tonumber(ARGV[18])
-local error_points = tonumber(ARGV[19])
-local error_latency_factor = tonumber(ARGV[20])
-local error_tau_s = tonumber(ARGV[21])
-local error_quiet = tonumber(ARGV[22])
-local success_bonus = tonumber(ARGV[23])
-local block_turns = tonumber(ARGV[24])
-local block_turns_per_point = tonumber(ARGV[25])
-local block_min_s = tonumber(ARGV[26])
-local block_max_s = tonumber(ARGV[27])
-local reoffend_s = tonumber(ARGV[28])
-local max_blocked_share = tonumber(ARGV[29])
-local min_unblocked = tonumber(ARGV[30])
-local relative_credit = tonumber(ARGV[31])
+local is_check = ARGV[7] == '1'
+local score_min = tonumber(ARGV[8])
+local score_max = tonumber(ARGV[9])
+local score_threshold = tonumber(ARGV[10])
+local score_half_life_s = tonumber(ARGV[11])
+local avg_tau_s = tonumber(ARGV[12])
+local latency_tau_s = tonumber(ARGV[13])
+local latency_min_samples = tonumber(ARGV[14])
+local latency_ratio = tonumber(ARGV[15])
+local latency_slack_ms = tonumber(ARGV[16])
+local slow_points = tonumber(ARGV[17])
+local slow_max_points = tonumber(ARGV[18])
+local fast_bonus = tonumber(ARGV[19])
+local error_points = tonumber(ARGV[20])
+local error_latency_factor = tonumber(ARGV[21])
+local error_tau_s = tonumber(ARGV[22])
+local error_quiet = tonumber(ARGV[23])
+local success_bonus = tonumber(ARGV[24])
+local block_turns = tonumber(ARGV[25])
+local block_turns_per_point = tonumber(ARGV[26])
+local block_min_s = tonumber(ARGV[27])
+local block_max_s = tonumber(ARGV[28])
+local reoffend_s = tonumber(ARGV[29])
+local max_blocked_share = tonumber(ARGV[30])
+local min_unblocked = tonumber(ARGV[31])
+local relative_credit = tonumber(ARGV[32])
+local check_rise = tonumber(ARGV[33])
+local check_fail_points = tonumber(ARGV[34])
+local request_timeout = tonumber(ARGV[35])
 
 local pool_key = KEYS[1]
 local key = KEYS[index + 2]
@@ -88,88 +97,143 @@ local function fade(dt, tau) return math.exp(-dt / tau) end
 local function is_blocked(backend_key)
     return redis.call('HGET', backend_key, 'in_block') == '1'
 end
+local function clamp(value) return math.min(math.max(value, score_min), score_max) end
+local function ratio(sum, weight) return num(weight) > 0 and num(sum) / num(weight) or 0 end
 
--- 1. The pool's yardsticks. `avg`: its latency over successful requests,
---    which prices a failure (below). `yardstick`: its latency over every
---    request as entered, failures at their price, which each backend's
---    smoothed latency is judged against: a backend failing and answering as
---    fast as the pool's average breaks even. And the pool's error rate.
-local p = redis.call('HMGET', pool_key, 'avg_sum', 'avg_weight', 'all_sum', 'all_weight',
-                     'err_sum', 'err_weight', 'updated_at')
-local pool_dt = math.max(0, now - num(p[7]))
-local avg_fade, pool_err_fade = fade(pool_dt, avg_tau_s), fade(pool_dt, error_tau_s)
-local avg_sum, avg_weight = num(p[1]) * avg_fade, num(p[2]) * avg_fade
-if not failed then
-    avg_sum, avg_weight = avg_sum + latency_ms, avg_weight + 1
-end
-local avg = avg_weight > 0 and avg_sum / avg_weight or latency_ms
-
--- 2. What this request counts as: its latency, or for a failure at least
---    error_latency_factor x max(avg, slack), so a fast error never looks fast.
-local sample = latency_ms
-if failed then
-    sample = math.max(latency_ms, error_latency_factor * math.max(avg, latency_slack_ms))
-end
-local all_sum = num(p[3]) * avg_fade + sample
-local all_weight = num(p[4]) * avg_fade + 1
-local yardstick = all_sum / all_weight
-local pool_err_sum = num(p[5]) * pool_err_fade + (failed and 1 or 0)
-local pool_err_weight = num(p[6]) * pool_err_fade + 1
-local pool_error_rate = pool_err_sum / pool_err_weight
-redis.call('HSET', pool_key, 'avg_sum', avg_sum, 'avg_weight', avg_weight,
-           'all_sum', all_sum, 'all_weight', all_weight,
-           'err_sum', pool_err_sum, 'err_weight', pool_err_weight,
-           'updated_at', math.max(num(p[7]), now))
-
--- 3. The backend's smoothed latency and recent error rate.
-local b = redis.call('HMGET', key, 'score', 'updated_at', 'lat_sum', 'lat_weight',
-                     'err_sum', 'err_weight')
-local updated_at = num(b[2])
-local dt = math.max(0, now - updated_at)
-local lat_fade, err_fade = fade(dt, latency_tau_s), fade(dt, error_tau_s)
-local lat_sum = num(b[3]) * lat_fade + sample
-local lat_weight = num(b[4]) * lat_fade + 1
-local err_sum = num(b[5]) * err_fade + (failed and 1 or 0)
-local err_weight = num(b[6]) * err_fade + 1
-local smoothed = lat_sum / lat_weight
-local error_rate = err_sum / err_weight
-
--- 4. Points. The old score first fades toward 0 with time. (A blocked
---    backend keeps scoring, from requests in flight or panic picks, so panic
---    mode can rank it; pick.lua zeroes the score when the block ends.)
-local blocked_now = is_blocked(key)
-local score = num(b[1]) * 0.5 ^ (dt / score_half_life_s)
-if failed then
-    score = score + error_points
+local score, smoothed, yardstick, error_rate, blocked_now
+if is_check then
+    -- A health check's result. A failure counts against the backend like a
+    -- failed request (check_fail_points and its error rate), even with no
+    -- traffic; a pass earns nothing, but check_rise passes in a row offer a
+    -- blocked backend a trial: pick.lua sends it one request (half-open).
+    local c = redis.call('HMGET', key, 'score', 'updated_at', 'err_sum', 'err_weight',
+                         'check_ok_streak', 'in_block', 'trial', 'trial_at', 'lat_sum',
+                         'lat_weight')
+    local updated_at = num(c[2])
+    local dt = math.max(0, now - updated_at)
+    local err_fade = fade(dt, error_tau_s)
+    local err_sum, err_weight = num(c[3]) * err_fade, num(c[4]) * err_fade
+    local streak = num(c[5])
+    blocked_now = c[6] == '1'
+    score = num(c[1]) * 0.5 ^ (dt / score_half_life_s)
+    if failed then
+        score = clamp(score + check_fail_points)
+        err_sum, err_weight, streak = err_sum + 1, err_weight + 1, 0
+    else
+        streak = streak + 1
+        local trial_stale = c[7] == '2' and now - num(c[8]) > request_timeout
+        if blocked_now and streak >= check_rise and (c[7] ~= '2' or trial_stale) then
+            redis.call('HSET', key, 'trial', 1)
+        end
+    end
+    redis.call('HSET', key, 'score', score, 'updated_at', math.max(updated_at, now),
+               'err_sum', err_sum, 'err_weight', err_weight, 'check_ok_streak', streak,
+               'last_check', now, 'last_check_outcome', outcome)
+    redis.call('HINCRBY', key, failed and 'checks_failed' or 'checks_passed', 1)
+    if not failed then
+        return {tostring(score), 0}
+    end
+    local p = redis.call('HMGET', pool_key, 'all_sum', 'all_weight')
+    smoothed, yardstick = ratio(c[9], c[10]), ratio(p[1], p[2])
+    error_rate = err_weight > 0 and err_sum / err_weight or 0
 else
-    -- A success earns what it is worth against the pool: with pool error rate
-    -- r, error_points x r/(1-r), so a backend failing as often as the pool
-    -- breaks even and a better one gains. Nothing in a healthy pool (r = 0).
-    score = score - relative_credit * error_points * pool_error_rate / (1 - pool_error_rate)
-    if error_rate < error_quiet then
-        score = score - success_bonus
+    -- 1. The pool's yardsticks. `avg`: its latency over successful requests,
+    --    which prices a failure (below). `yardstick`: its latency over every
+    --    request as entered, failures at their price, which each backend's
+    --    smoothed latency is judged against: a backend failing and answering as
+    --    fast as the pool's average breaks even. And the pool's error rate.
+    local p = redis.call('HMGET', pool_key, 'avg_sum', 'avg_weight', 'all_sum', 'all_weight',
+                         'err_sum', 'err_weight', 'updated_at')
+    local pool_dt = math.max(0, now - num(p[7]))
+    local avg_fade, pool_err_fade = fade(pool_dt, avg_tau_s), fade(pool_dt, error_tau_s)
+    local avg_sum, avg_weight = num(p[1]) * avg_fade, num(p[2]) * avg_fade
+    if not failed then
+        avg_sum, avg_weight = avg_sum + latency_ms, avg_weight + 1
     end
-end
-if lat_weight >= latency_min_samples and yardstick > 0 then
-    -- Slower means past both the ratio and the slack, for the smoothed latency
-    -- (a trend, not noise) and for this request too, so a lone spike is paid
-    -- for once, not on every request until the smoothing forgets it.
-    local bar = math.max(yardstick * latency_ratio, yardstick + latency_slack_ms)
-    if smoothed > bar and sample > bar then
-        score = score + math.min(slow_points * (smoothed / yardstick - 1), slow_max_points)
-    elseif not failed and smoothed < yardstick then
-        score = score - fast_bonus
-    end
-end
-score = math.min(math.max(score, score_min), score_max)
+    local avg = avg_weight > 0 and avg_sum / avg_weight or latency_ms
 
-redis.call('HSET', key, 'score', score, 'updated_at', math.max(updated_at, now),
-           'lat_sum', lat_sum, 'lat_weight', lat_weight,
-           'err_sum', err_sum, 'err_weight', err_weight,
-           'last_seen', now, 'last_latency_ms', latency_ms,
-           'last_outcome', outcome, 'last_status', status)
-redis.call('HINCRBY', key, 'requests', 1)
-redis.call('HINCRBY', key, 'outcome:' .. outcome, 1)
+    -- 2. What this request counts as: its latency, or for a failure at least
+    --    error_latency_factor x max(avg, slack), so a fast error never looks fast.
+    local sample = latency_ms
+    if failed then
+        sample = math.max(latency_ms, error_latency_factor * math.max(avg, latency_slack_ms))
+    end
+    local all_sum = num(p[3]) * avg_fade + sample
+    local all_weight = num(p[4]) * avg_fade + 1
+    yardstick = all_sum / all_weight
+    local pool_err_sum = num(p[5]) * pool_err_fade + (failed and 1 or 0)
+    local pool_err_weight = num(p[6]) * pool_err_fade + 1
+    local pool_error_rate = pool_err_sum / pool_err_weight
+    redis.call('HSET', pool_key, 'avg_sum', avg_sum, 'avg_weight', avg_weight,
+               'all_sum', all_sum, 'all_weight', all_weight,
+               'err_sum', pool_err_sum, 'err_weight', pool_err_weight,
+               'updated_at', math.max(num(p[7]), now))
+
+    -- 3. The backend's smoothed latency and recent error rate.
+    local b = redis.call('HMGET', key, 'score', 'updated_at', 'lat_sum', 'lat_weight',
+                         'err_sum', 'err_weight')
+    local updated_at = num(b[2])
+    local dt = math.max(0, now - updated_at)
+    local lat_fade, err_fade = fade(dt, latency_tau_s), fade(dt, error_tau_s)
+    local lat_sum = num(b[3]) * lat_fade + sample
+    local lat_weight = num(b[4]) * lat_fade + 1
+    local err_sum = num(b[5]) * err_fade + (failed and 1 or 0)
+    local err_weight = num(b[6]) * err_fade + 1
+    smoothed = lat_sum / lat_weight
+    error_rate = err_sum / err_weight
+
+    -- 4. Points. The old score first fades toward 0 with time. (A blocked
+    --    backend keeps scoring, from requests in flight or panic picks, so panic
+    --    mode can rank it; pick.lua zeroes the score when the block ends.)
+    blocked_now = is_blocked(key)
+    score = num(b[1]) * 0.5 ^ (dt / score_half_life_s)
+    if failed then
+        score = score + error_points
+    else
+        -- A success earns what it is worth against the pool: with pool error rate
+        -- r, error_points x r/(1-r), so a backend failing as often as the pool
+        -- breaks even and a better one gains. Nothing in a healthy pool (r = 0).
+        score = score - relative_credit * error_points * pool_error_rate / (1 - pool_error_rate)
+        if error_rate < error_quiet then
+            score = score - success_bonus
+        end
+    end
+    if lat_weight >= latency_min_samples and yardstick > 0 then
+        -- Slower means past both the ratio and the slack, for the smoothed latency
+        -- (a trend, not noise) and for this request too, so a lone spike is paid
+        -- for once, not on every request until the smoothing forgets it.
+        local bar = math.max(yardstick * latency_ratio, yardstick + latency_slack_ms)
+        if smoothed > bar and sample > bar then
+            score = score + math.min(slow_points * (smoothed / yardstick - 1), slow_max_points)
+        elseif not failed and smoothed < yardstick then
+            score = score - fast_bonus
+        end
+    end
+    score = clamp(score)
+
+    redis.call('HSET', key, 'score', score, 'updated_at', math.max(updated_at, now),
+               'lat_sum', lat_sum, 'lat_weight', lat_weight,
+               'err_sum', err_sum, 'err_weight', err_weight,
+               'last_seen', now, 'last_latency_ms', latency_ms,
+               'last_outcome', outcome, 'last_status', status)
+    redis.call('HINCRBY', key, 'requests', 1)
+    redis.call('HINCRBY', key, 'outcome:' .. outcome, 1)
+
+    -- A trial's answer (the one request pick.lua sent a blocked backend whose
+    -- checks passed): success ends the block at once, even an escalated one, with
+    -- a slow start; failure keeps it blocked until checks pass again.
+    if blocked_now and redis.call('HGET', key, 'trial') == '2' then
+        if failed then
+            redis.call('HSET', key, 'trial', 0, 'check_ok_streak', 0)
+            redis.call('HINCRBY', key, 'trials_failed', 1)
+        else
+            redis.call('HSET', key, 'in_block', 0, 'trial', 0, 'score', 0, 'blocked_turns', 0,
+                       'ramp_at', now, 'ramp_credit', 0)
+            redis.call('HINCRBY', key, 'trials_passed', 1)
+            return {tostring(score), 0}
+        end
+    end
+end
 
 -- 5. Block: at the threshold, for turns growing with the excess, at least
 --    block_min_s; twice as long (capped) for a backend that reoffends soon
