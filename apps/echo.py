@@ -17,6 +17,7 @@ Settings (environment, or the `config` mapping in tests):
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import itertools
@@ -88,6 +89,9 @@ class Faults:
         self.started = clock()
         # The key of a request without X-Request-ID; next() on a count is atomic under the GIL.
         self.counter = itertools.count()
+        # Recent health probes, (elapsed, checker id), shown by /profile: a benchmark
+        # can then see how many checkers probe this instance, and how often.
+        self.probes: collections.deque[tuple[float, str]] = collections.deque(maxlen=500)
 
     def elapsed(self) -> float:
         return self.clock() - self.started
@@ -97,6 +101,8 @@ class Faults:
         if path == "/profile":
             return self.app(environ, start_response)
         health = path == "/health"
+        if health and environ.get("HTTP_X_HEALTH_CHECK"):
+            self.probes.append((round(self.elapsed(), 3), environ["HTTP_X_HEALTH_CHECK"]))
         key = environ.get("HTTP_X_REQUEST_ID") or f"n{next(self.counter)}"
         outcome = simulate.draw(self.profile, f"health:{key}" if health else key, self.elapsed())
         if outcome.hang:
@@ -179,7 +185,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     @app.get("/profile")
     def show_profile() -> Response:
-        return jsonify(id=name, state=faults.state(), **dataclasses.asdict(profile))
+        return jsonify(id=name, state=faults.state(), elapsed_s=faults.elapsed(),
+                       health_probes=list(faults.probes), **dataclasses.asdict(profile))
 
     @app.route("/", defaults={"path": ""}, methods=ECHO_METHODS)
     @app.route("/<path:path>", methods=ECHO_METHODS)

@@ -3,6 +3,7 @@
     (no command)  the threaded benchmark against a running balancer (bench/load.py)
     matrix        seeds x instance counts x strategies, simulated or --live (bench/matrix.py)
     tune          search the scorer's settings on the simulator (bench/tune.py)
+    faults        time-varying backends, live, against the health-check targets (bench/faults.py)
     clients       CPU cost per request of requests.Session vs urllib3 (bench/clients.py)
 
 `python -m bench <command> --help` lists each command's options.
@@ -13,7 +14,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = {"matrix": "bench.matrix", "tune": "bench.tune", "clients": "bench.clients"}
+COMMANDS = {"matrix": "bench.matrix", "tune": "bench.tune", "faults": "bench.faults",
+            "clients": "bench.clients"}
 
 
 def main(argv: list[str] | None = None) -> int:

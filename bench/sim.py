@@ -5,7 +5,8 @@ fakeredis or a real Redis), the retry rules (`apps.retry`) and the echo
 backends' fault profiles and per-request draws (`apps.simulate`, keyed by the
 request id exactly as the echo app keys them).
 
-What is modelled: `clients` closed-loop clients (each sends its next request
+What is modelled: the pool's health checker (a probe per backend each
+LB_CHECK_INTERVAL_S, judged by the backend's phase); `clients` closed-loop clients (each sends its next request
 as soon as the last one ends, like the threaded benchmark's workers); the
 balancer's thread pool (Gunicorn workers x threads: requests beyond it wait in
 the accept queue); its per-backend in-flight cap; and each backend's thread
@@ -172,6 +173,7 @@ class Simulation:
         self.shares: Counter[str] = Counter()
         self.next_id = 0
         self.oracle_rotation = 0
+        self.check_round = 0
 
     # --- the event loop ----------------------------------------------------------
 
@@ -181,6 +183,8 @@ class Simulation:
     def run(self) -> SimResult:
         for _ in range(min(self.scenario.clients, self.scenario.requests)):
             self.client_sends()
+        if self.strategy == "scored" and self.settings.check_interval_s > 0:
+            self.at(self.settings.check_interval_s, self.health_checks)
         while self._events:
             when, _, action = heapq.heappop(self._events)
             self.now = when
@@ -213,6 +217,27 @@ class Simulation:
         else:
             self.balancer_free += 1
         self.client_sends()
+
+    def health_checks(self) -> None:
+        """The pool's health checker: one probe per backend each interval, judged as
+        the echo app judges /health in the backend's current phase."""
+        if self.next_id >= self.scenario.requests and not any(self.inflight.values()):
+            return  # the run is over
+        timeout = self.settings.check_timeout_s
+        for sim in self.backends:
+            key = f"health:{self.check_round}"
+            draw = simulate.draw(sim.profile, key, self.now)
+            if draw.dead:
+                outcome = Outcome(sim.backend, 0.0, error=CONNECT)
+            elif draw.hang or draw.latency_s > timeout:
+                outcome = Outcome(sim.backend, timeout, error=TIMEOUT)
+            elif draw.reset:
+                outcome = Outcome(sim.backend, draw.latency_s, error=PROTOCOL)
+            else:
+                outcome = Outcome(sim.backend, draw.latency_s, status=503 if draw.fail else 200)
+            self.pool.report(outcome, check=True)
+        self.check_round += 1
+        self.at(self.now + self.settings.check_interval_s, self.health_checks)
 
     # --- one request: attempts and retries ----------------------------------------
 

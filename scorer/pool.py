@@ -108,7 +108,8 @@ class Pool:
                       *(backend_key(settings.pool, b.id) for b in self.backends)]
         self._scored = "1" if settings.strategy == "scored" else "0"
         self._pick_params = [repr(settings.retry_budget), repr(settings.retry_budget_min),
-                             repr(settings.retry_budget_tau_s), repr(settings.slow_start_s)]
+                             repr(settings.retry_budget_tau_s), repr(settings.slow_start_s),
+                             repr(settings.check_interval_s)]
         self._checker_key = checker_key(settings.pool)
         self._params = [repr(getattr(settings, name)) for name in REPORT_PARAMS]
 

@@ -265,7 +265,7 @@ TABLE: tuple[Setting, ...] = (
     Setting("LB_AVG_TAU_S", "30", number(0, low_open=True), "s",
             "Time constant of the pool's latency average: the mean over successful "
             "requests, each weighted e^(-age/tau), so it follows time, not request count."),
-    Setting("LB_LATENCY_TAU_S", "5", number(0, low_open=True), "s",
+    Setting("LB_LATENCY_TAU_S", "2", number(0, low_open=True), "s",
             "Time constant of each backend's smoothed latency (same kind of mean)."),
     Setting("LB_LATENCY_MIN_SAMPLES", "5", number(0), "requests",
             "A backend's latency is judged only once its smoothed latency rests on this "
@@ -273,7 +273,7 @@ TABLE: tuple[Setting, ...] = (
     Setting("LB_LATENCY_RATIO", "1.5", number(1), "x",
             "A backend is slower when its smoothed latency, and the request at hand, "
             "exceed this many times the pool average..."),
-    Setting("LB_LATENCY_SLACK_MS", "50", number(0), "ms",
+    Setting("LB_LATENCY_SLACK_MS", "20", number(0), "ms",
             "...and above it by more than this, so noise in a fast pool never counts."),
     Setting("LB_SLOW_POINTS", "10", number(0), "points",
             "Cost per request of being slower: points per 100 % above the pool average."),

@@ -659,3 +659,13 @@ def test_turning_slow_start_off_gives_the_full_share_at_once(any_redis, clock):
     report(pool, 1, status=500)
     release(pool, clock, 1)
     assert ports(pool, 3).count(9002) == 1
+
+
+def test_a_block_lasts_while_fresh_checks_keep_failing(any_redis, clock):
+    pool = blocking_pool(any_redis, clock, LB_CHECK_INTERVAL_S="1")
+    report(pool, 1, status=500)
+    clock.advance(3)  # its minimum time is over...
+    check(pool, 1, status=503)  # ...but it has just failed a check
+    assert 9002 not in ports(pool, 60)
+    clock.advance(3.5)  # that check is now stale (over 3 intervals old): the block may end
+    assert 9002 in ports(pool, 3)

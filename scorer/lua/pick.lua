@@ -15,6 +15,7 @@
 -- ARGV[7]  retry_budget_tau_s  time constant of the recent request and retry counts
 -- ARGV[8]  slow_start_s        time a backend back from a block takes to ramp up to
 --                              its full share
+-- ARGV[9]  check_interval_s    the health checker's interval (0: no active checks)
 -- Returns  {index, panic}: the 0-based index of the picked backend, and 1 when
 --          every candidate was blocked and the lowest score was taken instead
 --          (when only busy ones were left, one is taken over its cap: not panic); {-1, 0} when a retry is refused: over budget, or no
@@ -39,6 +40,7 @@ local retry_budget = tonumber(ARGV[5])
 local retry_budget_min = tonumber(ARGV[6])
 local retry_budget_tau_s = tonumber(ARGV[7])
 local slow_start_s = tonumber(ARGV[8])
+local check_interval_s = tonumber(ARGV[9])
 
 local pool_key = KEYS[1]
 local n = #KEYS - 1
@@ -76,14 +78,19 @@ for step = 1, n do
     local blocked, ramping = false, false
     if honour_blocks then
         local state = redis.call('HMGET', key, 'in_block', 'blocked_turns', 'block_until',
-                                 'trial', 'ramp_at', 'ramp_credit')
+                                 'trial', 'ramp_at', 'ramp_credit', 'last_check',
+                                 'last_check_outcome')
         if state[1] == '1' then
             local turns = num(state[2])
+            -- A fresh failed health check holds a block past its end: a backend
+            -- still failing its checks is not let back in to fail requests.
+            local checks_failing = check_interval_s > 0 and state[8] and state[8] ~= 'ok'
+                and now - num(state[7]) <= 3 * check_interval_s
             if state[4] == '1' and flag(index) == '.' and not is_retry then
                 -- Its health checks passed: one trial request (half-open).
                 redis.call('HSET', key, 'trial', 2, 'trial_at', now)
                 return take(index, 'trial_picks')
-            elseif turns > 0 or now < num(state[3]) then
+            elseif turns > 0 or now < num(state[3]) or checks_failing then
                 blocked = true
                 if turns > 0 then
                     redis.call('HSET', key, 'blocked_turns', turns - 1)

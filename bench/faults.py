@@ -1,0 +1,253 @@
+"""`python -m bench faults`: time-varying backends, live, against the targets.
+
+Each scenario starts a real stack (three echo instances, the first with a
+time-varying profile; the balancer under Gunicorn with 2 x 16 threads and active
+health checks) and sends a steady, paced load while it records every answer
+and polls the admin listener. Times are on the changing instance's own clock
+(its /profile says how long it has been up), the clock its profile follows.
+
+Targets:
+    dead          after the first 2 s, at most 1 % of attempts go to the dead port
+    fail_recover  its share in the 1-s window ending 5 s after recovery is at
+                  least 80 % of a fair share
+    degrading     once its latency is 3x the median of the others', it serves at
+                  most 5 % of requests
+    flapping      blocked while failing, serving while healthy: the share of each
+                  window spent in the wrong state is reported
+    checkers      never more than one checker probing a backend at a time
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import requests
+
+from apps import simulate
+from bench.stack import start_balancer, start_echo, start_redis
+
+BASE_LATENCY_MS = "20"  # every instance's base latency, so "3x slower" means something
+
+
+@dataclass
+class Scenario:
+    name: str
+    spec: str                 # the first instance's profile
+    duration_s: float
+    check: Callable[["Run"], dict[str, Any]]
+
+
+@dataclass
+class Run:
+    """What one scenario recorded: answers on the changing instance's clock, and
+    /status snapshots."""
+
+    spec: str
+    target: str               # host:port of the changing instance
+    others: list[str]
+    answers: list[tuple[float, str, int, float]] = field(default_factory=list)
+    statuses: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    probes: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def profile(self) -> simulate.Profile:
+        return simulate.with_spec(simulate.profile_for(0, 0), self.spec)
+
+    def share(self, start: float, end: float) -> tuple[float, int]:
+        window = [a for a in self.answers if start <= a[0] < end and a[2] < 500]
+        served = sum(1 for a in window if a[1] == self.target)
+        return (served / len(window) if window else float("nan")), len(window)
+
+    def backend_state(self, status: dict[str, Any]) -> dict[str, Any]:
+        return next(b for b in status["backends"] if b["id"] == self.target)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rate", type=float, default=100, help="requests per second")
+    parser.add_argument("--only", help="run only this scenario (dead, fail_recover, ...)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/faults.json"))
+
+
+def check_dead(run: Run) -> dict[str, Any]:
+    dead_at = run.profile.start_s
+    begin = _status_at(run, dead_at + 2)
+    end = run.statuses[-1][1]
+    sent = run.backend_state(end)["requests"] - run.backend_state(begin)["requests"]
+    total = (sum(b["requests"] for b in end["backends"])
+             - sum(b["requests"] for b in begin["backends"]))
+    share = sent / total if total else float("nan")
+    return {"measured": f"{share:.2%} of {total} attempts after the first 2 s",
+            "target": "<= 1 %", "met": share <= 0.01}
+
+
+def check_fail_recover(run: Run) -> dict[str, Any]:
+    recovered = run.profile.start_s + run.profile.period_s
+    share, count = run.share(recovered + 4, recovered + 5)
+    fair = 1 / (1 + len(run.others))
+    return {"measured": f"{share / fair:.0%} of a fair share ({count} answers in the window)",
+            "target": ">= 80 %", "met": share >= 0.8 * fair}
+
+
+def check_degrading(run: Run) -> dict[str, Any]:
+    profile = run.profile
+    others = float(BASE_LATENCY_MS)
+    # The instance's own latency is known exactly: its profile's mean at each moment.
+    crossed = next(t / 10 for t in range(0, int(run.answers[-1][0] * 10))
+                   if simulate.phase_at(profile, t / 10).mean_latency_ms >= 3 * others)
+    share, count = run.share(crossed, run.answers[-1][0])
+    return {"measured": f"{share:.2%} of {count} requests from {crossed:.1f} s, when it "
+                        f"reached 3x the others' {others:.0f} ms",
+            "target": "<= 5 %", "met": share <= 0.05}
+
+
+def check_flapping(run: Run) -> dict[str, Any]:
+    profile = run.profile
+    windows = []
+    for index in range(int((run.statuses[-1][0] - profile.start_s) // profile.period_s)):
+        start = profile.start_s + index * profile.period_s
+        failing = index % 2 == 1
+        states = [run.backend_state(s)["blocked"] for t, s in run.statuses
+                  if start <= t < start + profile.period_s]
+        wrong = sum(1 for blocked in states if blocked != failing) / max(1, len(states))
+        windows.append({"window": index, "failing": failing, "wrong_share": round(wrong, 3)})
+    return {"measured": ", ".join(f"{'failing' if w['failing'] else 'healthy'} "
+                                  f"{w['wrong_share']:.0%}" for w in windows),
+            "target": "reported: share of each window in the wrong state",
+            "met": None, "windows": windows}
+
+
+SCENARIOS = [
+    Scenario("dead", "dead:start=4", 14, check_dead),
+    Scenario("fail_recover", "fail_recover:start=3,period=5", 16, check_fail_recover),
+    Scenario("degrading", f"degrading:start=3,period=10,factor=10,latency={BASE_LATENCY_MS}",
+             16, check_degrading),
+    Scenario("flapping", "flapping:start=3,period=4", 20, check_flapping),
+]
+
+
+def _status_at(run: Run, moment: float) -> dict[str, Any]:
+    return min(run.statuses, key=lambda s: abs(s[0] - moment))[1]
+
+
+def run_scenario(scenario: Scenario, redis_url: str, logs: Path, rate: float) -> Run:
+    echoes = [start_echo(0, logs, threads=64, ECHO_PROFILE=scenario.spec,
+                         ECHO_MEAN_LATENCY_MS=BASE_LATENCY_MS)]
+    echoes += [start_echo(i, logs, threads=64, ECHO_MEAN_LATENCY_MS=BASE_LATENCY_MS)
+               for i in (1, 2)]
+    procs = [p for p, _ in echoes]
+    try:
+        balancer, url, admin = start_balancer([u for _, u in echoes], redis_url, logs,
+                                              workers=2, threads=16,
+                                              env={"LB_POOL": f"faults-{scenario.name}"})
+        procs.append(balancer)
+        first = echoes[0][1]
+        up = requests.get(f"{first}/profile", timeout=5).json()["elapsed_s"]
+        origin = time.monotonic() - up  # the changing instance's clock starts here
+        run = Run(scenario.spec, first.removeprefix("http://"),
+                  [u.removeprefix("http://") for _, u in echoes[1:]])
+        clock = lambda: time.monotonic() - origin  # noqa: E731
+        _drive(url, admin, run, clock, scenario.duration_s, rate)
+        # Probes as a healthy instance saw them (a dead one cannot say).
+        run.probes = [tuple(p) for p in requests.get(f"{echoes[1][1]}/profile", timeout=5)
+                      .json()["health_probes"]]
+        return run
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def _drive(url: str, admin: str, run: Run, clock: Callable[[], float], until: float,
+           rate: float) -> None:
+    """Paced load from 10 threads, and /status every 100 ms, until `until`."""
+    stop = threading.Event()
+    threads_n = 10
+    lock = threading.Lock()
+
+    def client(number: int) -> None:
+        session = requests.Session()
+        interval = threads_n / rate
+        next_at = time.monotonic() + number * interval / threads_n
+        sequence = number
+        while not stop.is_set():
+            sent = clock()
+            try:
+                response = session.post(f"{url}/load", json={"n": sequence}, timeout=30,
+                                        headers={"X-Request-ID": f"f{sequence}"})
+                answer = (sent, response.headers.get("X-Upstream", ""), response.status_code,
+                          clock() - sent)
+            except requests.RequestException:
+                answer = (sent, "", 599, clock() - sent)
+            with lock:
+                run.answers.append(answer)
+            sequence += threads_n
+            next_at += interval
+            stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def poll() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            try:
+                run.statuses.append((clock(), session.get(f"{admin}/status", timeout=5).json()))
+            except requests.RequestException:
+                pass
+            stop.wait(0.1)
+
+    workers = [threading.Thread(target=client, args=(n,)) for n in range(threads_n)]
+    workers.append(threading.Thread(target=poll))
+    for worker in workers:
+        worker.start()
+    while clock() < until:
+        time.sleep(0.05)
+    stop.set()
+    for worker in workers:
+        worker.join()
+    run.answers.sort()
+
+
+def checkers(run: Run) -> int:
+    """The most distinct checkers seen probing within any one second."""
+    most = 0
+    for t, _ in run.probes:
+        most = max(most, len({owner for s, owner in run.probes if t <= s < t + 1}))
+    return most
+
+
+def run(args: argparse.Namespace) -> int:
+    logs = Path(tempfile.mkdtemp(prefix="lb-faults-"))
+    redis_proc, redis_url = start_redis(logs)
+    results = {}
+    try:
+        for scenario in SCENARIOS:
+            if args.only and scenario.name != args.only:
+                continue
+            print(f"{scenario.name}: {scenario.spec}, {scenario.duration_s:.0f} s at "
+                  f"{args.rate:.0f} req/s", flush=True)
+            recorded = run_scenario(scenario, redis_url, logs, args.rate)
+            result = scenario.check(recorded)
+            result["checkers_at_once"] = checkers(recorded)
+            result["answers"] = len(recorded.answers)
+            result["errors"] = sum(1 for a in recorded.answers if a[2] >= 500)
+            results[scenario.name] = result
+    finally:
+        redis_proc.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    print()
+    print(f"{'scenario':<14}{'target':<26}{'met':<6}measured")
+    for name, result in results.items():
+        met = {True: "yes", False: "NO", None: "-"}[result["met"]]
+        print(f"{name:<14}{result['target'][:24]:<26}{met:<6}{result['measured']}")
+    most = max((r["checkers_at_once"] for r in results.values()), default=0)
+    print(f"{'checkers':<14}{'never more than 1':<26}{'yes' if most <= 1 else 'NO':<6}"
+          f"at most {most} checker(s) probing within any second")
+    print(f"client-visible errors: " + ", ".join(f"{n} {r['errors']}/{r['answers']}"
+                                                 for n, r in results.items()))
+    print(f"\nwrote {args.out}")
+    return 0
