@@ -36,6 +36,7 @@ LIVE_SUITES = {
     "quick": ([7], [3], 200, 1),
 }
 ID_OFFSET_STEP = 1_000_000  # repeats use disjoint request ids: independent draws
+LIVE_TIMEOUT_S = 30  # the live benchmark client's timeout
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     rows = run_live(cells, env, out) if args.live else run_simulated(cells, env, args.jobs)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))  # kept even if a step fails
     summary = summarize(rows)
     summary["mode"] = "live" if args.live else "simulated"
     summary["wall_s"] = round(time.monotonic() - started, 1)
@@ -132,9 +134,12 @@ def run_live(cells: list[Cell], env: dict[str, str], out: Path) -> list[dict[str
                     threads=s.balancer_threads // s.balancer_workers,
                     env={**env, "LB_STRATEGY": cell.strategy})
                 procs.append(balancer)
-                result = load.measure(url, s.requests, s.clients, timeout=30, payload=64,
-                                      id_offset=s.id_offset, method=s.method, progress=False)
+                result = load.measure(url, s.requests, s.clients, timeout=LIVE_TIMEOUT_S,
+                                      payload=64, id_offset=s.id_offset, method=s.method,
+                                      progress=False)
                 rows.append(_live_row(cell, result.to_dict(), admin))
+                print(f"    errors {rows[-1]['errors']}/{s.requests}, "
+                      f"p99 {rows[-1]['p99_ms']:.0f} ms", flush=True)
             finally:
                 for proc in reversed(procs):
                     proc.stop()
@@ -166,12 +171,17 @@ def _live_row(cell: Cell, measured: dict[str, Any], admin: str) -> dict[str, Any
         blocks = panic = over_cap = -1
     s = cell.scenario
     errors = sum(measured["errors"].values())
+    latency = dict(measured["latency_ms"])
+    if latency["p99"] is None:
+        # Not one answer (every request timed out or was refused): the slowest
+        # a request can be is the client's timeout.
+        latency = {k: LIVE_TIMEOUT_S * 1000 for k in ("p50", "p90", "p99", "max")}
     return {
         "scenario": s.name, "strategy": cell.strategy, "seed": s.seed,
         "instances": s.instances, "id_offset": s.id_offset, "requests": s.requests,
         "errors": errors, "error_rate": errors / s.requests,
-        "p50_ms": measured["latency_ms"]["p50"], "p90_ms": measured["latency_ms"]["p90"],
-        "p99_ms": measured["latency_ms"]["p99"], "max_ms": measured["latency_ms"]["max"],
+        "p50_ms": latency["p50"], "p90_ms": latency["p90"],
+        "p99_ms": latency["p99"], "max_ms": latency["max"],
         "virtual_s": measured["wall_s"], "retries": 0, "blocks": blocks,
         "panic_picks": panic, "over_cap_picks": over_cap,
         "shares": {k: v["count"] for k, v in measured["shares"].items()},

@@ -72,6 +72,7 @@ def test_honcho_start_runs_the_stack_and_ctrl_c_stops_everything(tmp_path):
     echo_ports = [free_port() for _ in range(3)]
     backends = ",".join(f"http://127.0.0.1:{p}" for p in echo_ports)
     stack = Honcho(tmp_path, LB_BACKENDS=backends,
+                   ECHO_PROFILE_3="fail_recover:start=1000,period=1",  # later than the test
                    **{f"ECHO_PORT_{i + 1}": str(p) for i, p in enumerate(echo_ports)})
     try:
         # Workers boot after the admin port opens; Gunicorn queues connections until then.
@@ -83,6 +84,10 @@ def test_honcho_start_runs_the_stack_and_ctrl_c_stops_everything(tmp_path):
         upstreams = [r.headers["X-Upstream"] for r in responses]
         assert sorted(set(upstreams)) == sorted(f"127.0.0.1:{p}" for p in echo_ports)
         assert upstreams[:3] == upstreams[3:]  # a strict rotation
+        # The Procfile hands each instance its own profile.
+        profiles = [requests.get(f"http://127.0.0.1:{p}/profile", timeout=5).json()["kind"]
+                    for p in echo_ports]
+        assert profiles == ["steady", "steady", "fail_recover"]
         status_url = f"http://127.0.0.1:{stack.admin_port}/status"
         assert requests.get(status_url, timeout=5).json()["redis"]["reachable"]
         # Gunicorn forks its workers a moment apart; the second may still be on its way.
