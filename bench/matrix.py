@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from bench.sim import Scenario, simulate_cell
+from bench.sim import Scenario, sim_redis, simulate_cell
 
 SUITES = {
     # name: (seeds, instance counts, requests per cell, repeats)
@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a balancer setting for every cell (repeatable)")
     parser.add_argument("--out", type=Path, default=None,
                         help="directory for the results (default bench/results/matrix-<time>)")
+    parser.add_argument("--fakeredis", action="store_true",
+                        help="simulate on fakeredis instead of the bundled Redis server (slower)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="simulations run in parallel")
 
@@ -89,7 +91,11 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("bench/results") / f"matrix-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    rows = run_live(cells, env, out) if args.live else run_simulated(cells, env, args.jobs)
+    if args.live:
+        rows = run_live(cells, env, out)
+    else:
+        with sim_redis(args.fakeredis):
+            rows = run_simulated(cells, env, args.jobs)
     (out / "results.json").write_text(json.dumps(rows, indent=1))  # kept even if a step fails
     summary = summarize(rows)
     summary["mode"] = "live" if args.live else "simulated"

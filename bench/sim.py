@@ -22,12 +22,17 @@ perfect".
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import math
+import os
+import uuid
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Mapping
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
 
 import fakeredis
 import redis
@@ -45,6 +50,9 @@ BASE_SERVICE_S = 0.0005
 # The oracle's price of an error, in seconds of latency: an error is worth
 # avoiding at the cost of up to this much extra waiting.
 ORACLE_ERROR_COST_S = 1.0
+# Names a real Redis server for the simulations (the matrix and the tuner start
+# the bundled one): the same scripts run about 2.5 times faster than on fakeredis.
+SIM_REDIS_URL = "LB_SIM_REDIS_URL"
 
 
 @dataclass(frozen=True)
@@ -151,7 +159,8 @@ class Simulation:
         urls = ",".join(f"http://10.0.0.{i + 1}:80" for i in range(scenario.instances))
         overrides = {"LB_BACKENDS": urls,
                      "LB_STRATEGY": "round_robin" if strategy == "round_robin" else "scored",
-                     "LB_POOL": f"sim-{scenario.name}-{strategy}-{scenario.id_offset}"}
+                     # Unique, so simulations can share one real Redis server.
+                     "LB_POOL": f"sim-{scenario.name}-{strategy}-{uuid.uuid4().hex[:8]}"}
         self.settings = load_settings(environ={}, overrides={**(env or {}), **overrides})
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
@@ -189,7 +198,9 @@ class Simulation:
             when, _, action = heapq.heappop(self._events)
             self.now = when
             action()
-        return self.result()
+        result = self.result()
+        self.pool.forget()  # a shared server must not fill up with finished runs
+        return result
 
     # --- clients and the balancer's threads -----------------------------------------
 
@@ -357,5 +368,25 @@ class Simulation:
 
 def simulate_cell(scenario: Scenario, strategy: str, env: Mapping[str, str] | None = None,
                   redis_factory: Callable[[], redis.Redis] | None = None) -> SimResult:
-    """Run one scenario under one strategy."""
+    """Run one scenario under one strategy: on the real Redis server that
+    SIM_REDIS_URL names if set (faster), else on fakeredis."""
+    if redis_factory is None and os.environ.get(SIM_REDIS_URL):
+        url = os.environ[SIM_REDIS_URL]
+        redis_factory = lambda: redis.Redis.from_url(url)  # noqa: E731
     return Simulation(scenario, strategy, env, redis_factory).run()
+
+
+@contextlib.contextmanager
+def sim_redis(use_fakeredis: bool = False) -> Iterator[None]:
+    """Start the bundled Redis for the simulations of this block, unless asked not to."""
+    if use_fakeredis or os.environ.get(SIM_REDIS_URL):
+        yield
+        return
+    from bench.stack import start_redis
+    proc, url = start_redis(Path(tempfile.mkdtemp(prefix="lb-sim-")))
+    os.environ[SIM_REDIS_URL] = url  # inherited by the worker processes
+    try:
+        yield
+    finally:
+        del os.environ[SIM_REDIS_URL]
+        proc.stop()

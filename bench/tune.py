@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.sim import Scenario, simulate_cell
+from bench.sim import Scenario, sim_redis, simulate_cell
 from scorer.settings import TABLE
 
 # The knobs searched, and the values tried for each. In-flight caps, timeouts
@@ -65,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="the search's own random seed")
     parser.add_argument("--held-out-requests", type=int, default=4000)
     parser.add_argument("--out", type=Path, default=Path("bench/results/tune.json"))
+    parser.add_argument("--fakeredis", action="store_true",
+                        help="simulate on fakeredis instead of the bundled Redis server (slower)")
     parser.add_argument("--jobs", type=int, default=None, help="simulations in parallel")
 
 
@@ -145,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     count = args.configs or max(8, int(args.budget_s / 9))
     candidates = random_candidates(count, rng)
     log = {"budget_s": args.budget_s, "candidates": len(candidates), "rungs": []}
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+    with sim_redis(args.fakeredis), ProcessPoolExecutor(max_workers=args.jobs) as pool:
         search = Search(pool)
         candidates = search.healthy(candidates)
         print(f"{len(candidates)} settings never block a healthy pool "

@@ -153,6 +153,10 @@ class Pool:
         """Forget a backend's score, block and recent history (its counters stay)."""
         self.redis.hdel(self._keys[1 + self._index[backend.id]], *RESET_FIELDS)
 
+    def forget(self) -> None:
+        """Delete this pool's keys (a finished simulation's)."""
+        self.redis.delete(*self._keys, self._checker_key)
+
     def ping(self) -> bool:
         """Whether Redis answers now."""
         return self.store.ping()
