@@ -10,15 +10,20 @@ the admin listener (apps/admin.py), so no path here is reserved.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import sys
 import time
+import uuid
+from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from dataclasses import dataclass
 
 import urllib3
-from flask import Flask, Request, Response, request
+from flask import Flask, Request, Response, g, request
 
 from apps.body import RequestBody
 from apps.errors import json_error, register_json_errors
@@ -87,7 +92,7 @@ class Forwarder:
         self.upstreams = upstreams
         self.inflight = inflight
 
-    def handle(self, req: Request) -> Response:
+    def handle(self, req: Request, request_id: str = "") -> Response:
         upgrade = req.headers.get("Upgrade", "").lower()
         if upgrade and upgrade != "h2c":  # h2c may be ignored; a WebSocket may not
             return json_error(501, f"protocol upgrade to {upgrade!r} is not supported",
@@ -113,7 +118,8 @@ class Forwarder:
                 log.info("retrying %s %s on %s after %s from %s", req.method, req.path,
                          backend.id, failure.describe(), failure.backend.id)
             tried.append(backend)
-            result = self.attempt(req, backend, target, body, remaining)
+            g.attempts = len(tried)
+            result = self.attempt(req, backend, target, body, remaining, request_id)
             if isinstance(result, Response):
                 return result
             failure = result
@@ -124,12 +130,14 @@ class Forwarder:
         return self.give_up(req, failure, len(tried))
 
     def attempt(self, req: Request, backend: Backend, target: str, body: RequestBody,
-                remaining: float) -> Response | Failure:
+                remaining: float, request_id: str = "") -> Response | Failure:
         """One try on one backend: its answer, or a Failure to retry or relay."""
         settings = self.settings
         headers = upstream_request_headers(
             req.headers.items(), backend=backend, client_addr=req.remote_addr or "",
             scheme=req.scheme, preserve_host=settings.preserve_host)
+        if request_id:
+            headers["X-Request-ID"] = request_id
         length = body.content_length()
         headers.pop("Content-Length", None)
         if length is not None:
@@ -236,11 +244,59 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         checker.start()
         app.extensions["lb.health"] = checker
 
+    access = access_logger(settings.access_log)
+
+    @app.before_request
+    def start() -> None:
+        g.started = time.monotonic()
+        g.attempts = 0
+        g.request_id = request_id_of(request.headers.get("X-Request-ID"))
+
     @app.endpoint("forward")
     def forward() -> Response:
-        return forwarder.handle(request)
+        return forwarder.handle(request, g.request_id)
+
+    @app.after_request
+    def finish(response: Response) -> Response:
+        response.headers["X-Request-ID"] = g.request_id
+        if access is not None:
+            access.info(json.dumps({
+                "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "request_id": g.request_id, "client": request.remote_addr,
+                "method": request.method,
+                "path": request.environ.get("RAW_URI") or request.full_path,
+                "status": response.status_code,
+                "backend": response.headers.get("X-Upstream"),
+                "latency_ms": round((time.monotonic() - g.started) * 1000, 3),
+                "attempts": g.attempts,
+            }, separators=(",", ":")))
+        return response
 
     return app
+
+
+# A client's X-Request-ID is kept when it is short and printable; else a new one.
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def request_id_of(raw: str | None) -> str:
+    """The request's id: the client's X-Request-ID if sane, else a fresh one."""
+    return raw if raw and _REQUEST_ID.fullmatch(raw) else uuid.uuid4().hex
+
+
+def access_logger(target: str) -> logging.Logger | None:
+    """The JSON access log: standard output (`-`), a file, or None (`off`)."""
+    if target == "off":
+        return None
+    logger = logging.getLogger("lb.access")
+    if not logger.handlers:
+        handler = (logging.StreamHandler(sys.stdout) if target == "-"
+                   else logging.FileHandler(target))
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
 
 
 def _log_through_gunicorn() -> None:

@@ -33,9 +33,11 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "te", "trailer",
     "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization",
 })
-# Set afresh by the balancer, so a client cannot forge them; and Expect, since
-# the balancer has already taken the body (or is streaming it) by then.
-REPLACED_REQUEST_HEADERS = frozenset({"host", "x-forwarded-proto", "x-forwarded-host", "expect"})
+# Set afresh by the balancer, so a client cannot forge them (X-Request-ID: the
+# client's is kept if sane, see apps/proxy.py); and Expect, since the balancer
+# has already taken the body (or is streaming it) by then.
+REPLACED_REQUEST_HEADERS = frozenset({"host", "x-forwarded-proto", "x-forwarded-host", "expect",
+                                      "x-request-id"})
 # The balancer's own server sends these; forwarding the backend's would
 # duplicate them (as nginx's proxy_hide_header does by default).
 REPLACED_RESPONSE_HEADERS = frozenset({"date", "server"})

@@ -237,6 +237,9 @@ TABLE: tuple[Setting, ...] = (
             "`maxconn`): a backend at its cap is passed over like a blocked one, so a "
             "hanging backend cannot take every thread. When every backend is at its "
             "cap, the request still goes out."),
+    Setting("LB_ACCESS_LOG", "-", str, "path",
+            "Where the balancer writes one JSON line per request: `-` for standard output, "
+            "a file path to append to, or `off`."),
     Setting("LB_PRESERVE_HOST", "0", parse_bool, "bool",
             "Send the client's `Host` header upstream instead of the backend's own."),
     Setting("LB_POOL", "default", parse_pool_name, "name",
@@ -354,6 +357,7 @@ class Settings:
     retry_budget_min: float
     retry_budget_tau_s: float
     max_inflight: int
+    access_log: str
     preserve_host: bool
     pool: str
     redis_port: int

@@ -308,3 +308,28 @@ def test_host_and_forwarded_headers_cannot_choose_the_address(via_reflect, refle
     assert seen["Host"] == reflect.removeprefix("http://")
     assert seen["X-Forwarded-Host"] == "169.254.169.254"  # passed on as information only
     assert seen["X-Forwarded-For"] == "10.0.0.1, 127.0.0.1"
+
+
+def test_one_json_access_line_per_request_and_request_ids_pass_through(reflect, redis_server,
+                                                                      log_dir, tmp_path):
+    access = tmp_path / "access.log"
+    proc, url, _ = start_balancer([reflect], redis_server, log_dir, workers=2, name="proxy-log",
+                                  env={"LB_ACCESS_LOG": str(access)})
+    try:
+        given = requests.get(f"{url}/a?b=1", headers={"X-Request-ID": "req-42"}, timeout=10)
+        fresh = requests.post(f"{url}/c", data=b"x" * 10, timeout=10)
+        too_big = requests.post(f"{url}/d", data=b"x" * (11 * 1024 * 1024), timeout=30)
+    finally:
+        proc.stop()
+    assert given.headers["X-Request-ID"] == "req-42"
+    upstream_id = lambda r: {k.lower(): v for k, v in r.json()["headers"]}["x-request-id"]  # noqa
+    assert upstream_id(given) == "req-42"  # passed upstream
+    generated = fresh.headers["X-Request-ID"]
+    assert len(generated) == 32 and upstream_id(fresh) == generated
+    lines = [json.loads(line) for line in access.read_text().splitlines()]
+    assert [(l["method"], l["path"], l["status"]) for l in lines] == [
+        ("GET", "/a?b=1", 200), ("POST", "/c", 200), ("POST", "/d", 413)]
+    first = lines[0]
+    assert first["request_id"] == "req-42" and first["attempts"] == 1
+    assert first["backend"] == reflect.removeprefix("http://") and first["latency_ms"] > 0
+    assert lines[2]["backend"] is None and lines[2]["attempts"] == 0
