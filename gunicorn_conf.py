@@ -73,7 +73,12 @@ def on_starting(server):
     except SettingsError as exc:
         print(f"lb: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
-    os.environ["LB_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="lb-run-")
+    runtime_dir = tempfile.mkdtemp(prefix="lb-run-")
+    os.environ["LB_RUNTIME_DIR"] = runtime_dir
+    # prometheus_client's multiprocess mode: set before any worker imports it,
+    # empty at every start (a fresh temporary directory).
+    os.makedirs(os.path.join(runtime_dir, "metrics"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(runtime_dir, "metrics")
 
 
 def on_exit(server):
@@ -99,6 +104,10 @@ def when_ready(server):
 
 
 def child_exit(server, worker):
+    if not _is_balancer(server):
+        return
+    from apps.metrics import mark_process_dead
+    mark_process_dead(worker.pid)
     # A worker that dies degraded must not look degraded for ever.
     runtime_dir = os.environ.get("LB_RUNTIME_DIR")
     if runtime_dir:

@@ -8,6 +8,7 @@ worker would.
     GET /status   strategy, Redis reachability, workers, the pool's latency average and
                   panic picks, and per backend: blocked or not, score, smoothed latency,
                   error rate, blocked turns, block end, why it was last blocked, counters
+    GET /metrics  Prometheus text: the workers' counters (multiprocess) and the pool's state
     GET /ready    200 while traffic workers are up (with `degraded` when Redis is away),
                   else 503
     POST /backends/<id>/reset   clear a backend's score, block and recent history;
@@ -27,6 +28,7 @@ import redis
 from flask import Flask, Response, jsonify, request
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
+from apps import metrics
 from apps.errors import json_error, register_json_errors
 from scorer.pool import Pool
 from scorer.settings import Settings, load_settings
@@ -83,6 +85,14 @@ def create_app(config: Mapping[str, Any] | None = None, *,
             degraded_workers=degraded,
             **shared,
         )
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        try:
+            return Response(metrics.render(pool), mimetype=None,
+                            headers={"Content-Type": metrics.CONTENT_TYPE})
+        except redis.RedisError as exc:
+            return json_error(503, f"Redis unavailable: {exc}", source="admin")
 
     @app.get("/ready")
     def ready() -> tuple[Response, int]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import urllib3
 from flask import Flask, Request, Response, g, request
 
+from apps import metrics
 from apps.body import RequestBody
 from apps.errors import json_error, register_json_errors
 from apps.health import HealthChecker
@@ -115,6 +116,7 @@ class Forwarder:
             if backend is None:  # retry budget spent, or every backend tried
                 break
             if failure:
+                metrics.RETRIES.inc()
                 log.info("retrying %s %s on %s after %s from %s", req.method, req.path,
                          backend.id, failure.describe(), failure.backend.id)
             tried.append(backend)
@@ -202,12 +204,18 @@ class Forwarder:
             log.warning("upstream %s broke off a streamed body: %s", backend.id, err)
 
     def report(self, outcome: Outcome) -> None:
+        backend = outcome.backend.id
+        result = f"{outcome.status // 100}xx" if outcome.status else outcome.kind
+        metrics.ATTEMPTS.labels(backend, result).inc()
+        if outcome.status:
+            metrics.LATENCY.labels(backend).observe(outcome.latency_s)
         try:
             score, turns = self.pool.report(outcome)
         except Exception:  # bookkeeping must never cost the client its answer
             log.exception("report failed")
             return
         if turns:
+            metrics.BLOCKS.labels(backend).inc()
             log.warning("blocked %s for %d turns at score %.1f (why: GET /status)",
                         outcome.backend.id, turns, score)
 
@@ -259,6 +267,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @app.after_request
     def finish(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.request_id
+        metrics.REQUESTS.labels(response.headers.get("X-Upstream", "none"),
+                                f"{response.status_code // 100}xx").inc()
         if access is not None:
             access.info(json.dumps({
                 "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from tests.support import (
-    connections_to, free_port, gunicorn, spawn, start_balancer, start_echo, wait_for,
+    connections_to, fire, free_port, gunicorn, spawn, start_balancer, start_echo, wait_for,
 )
 
 pytestmark = pytest.mark.e2e
@@ -333,3 +333,28 @@ def test_one_json_access_line_per_request_and_request_ids_pass_through(reflect, 
     assert first["request_id"] == "req-42" and first["attempts"] == 1
     assert first["backend"] == reflect.removeprefix("http://") and first["latency_ms"] > 0
     assert lines[2]["backend"] is None and lines[2]["attempts"] == 0
+
+
+def test_metrics_add_up_across_workers(echoes, redis_server, log_dir):
+    proc, url, admin = start_balancer(echoes, redis_server, log_dir, workers=2, name="proxy-m")
+    try:
+        results = fire(url, 90, 10, "POST", keepalive=False)  # new connections: both workers
+        assert all(r.status == 200 for r in results)
+        text = requests.get(f"{admin}/metrics", timeout=5).text
+    finally:
+        proc.stop()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    for echo in echoes:
+        backend = echo.removeprefix("http://")
+        assert samples[f'lb_upstream_attempts_total{{backend="{backend}",result="2xx"}}'] == 30
+        assert samples[f'lb_requests_total{{backend="{backend}",code="2xx"}}'] == 30
+        assert samples[f'lb_upstream_latency_seconds_count{{backend="{backend}"}}'] == 30
+        assert f'lb_backend_score{{backend="{backend}"}}' in samples
+        assert samples[f'lb_backend_blocked{{backend="{backend}"}}'] == 0
+    assert samples["lb_panic_picks_total"] == 0
+    # Both workers counted (multiprocess mode), not one of them.
+    assert sum(1 for line in proc.output().splitlines() if "Booting worker" in line) == 2
