@@ -11,11 +11,18 @@ worker would.
     GET /metrics  Prometheus text: the workers' counters (multiprocess) and the pool's state
     GET /ready    200 while traffic workers are up (with `degraded` when Redis is away),
                   else 503
-    POST /backends/<id>/reset   clear a backend's score, block and recent history;
-                  needs `Authorization: Bearer $LB_ADMIN_TOKEN` (off when unset)
+    GET /backends                the membership: each backend's URL, weight and state
+    POST /backends               add one: {"url": "http://host:port", "weight": 1}
+    DELETE /backends/<id>        remove one (its in-flight requests finish)
+    POST /backends/<id>/drain    no new requests; in-flight ones finish
+    POST /backends/<id>/activate undo a drain
+    PUT /backends/<id>/weight    {"weight": 0-100}: its share of the rotation
+    POST /backends/<id>/reset    clear a backend's score, block and recent history
+    Every POST, PUT and DELETE needs `Authorization: Bearer $LB_ADMIN_TOKEN` (off when unset).
 """
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import os
@@ -25,11 +32,12 @@ from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, abort, jsonify, request
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from apps import metrics
 from apps.errors import json_error, register_json_errors
+from scorer.members import ACTIVE, DRAINING, Member, check_weight, new_member
 from scorer.pool import Pool
 from scorer.settings import Settings, load_settings
 
@@ -102,20 +110,93 @@ def create_app(config: Mapping[str, Any] | None = None, *,
         notes = [] if pool.ping() else ["Redis is unreachable: workers serve from their own state"]
         return jsonify(ready=True, degraded=bool(notes), reasons=notes), 200
 
-    @app.post("/backends/<backend_id>/reset")
-    def reset(backend_id: str) -> Response:
+    def changing(action: Callable[[], Response]) -> Response:
+        """Run a state change: the token first, then Redis (503 when it is away)."""
         denied = check_token(settings.admin_token, request.headers.get("Authorization", ""))
         if denied:
             return denied
-        backend = next((b for b in settings.backends if b.id == backend_id), None)
-        if backend is None:
-            return json_error(404, f"no backend {backend_id!r} in this pool", source="admin")
         try:
-            pool.reset(backend)
+            return action()
         except redis.RedisError as exc:
             return json_error(503, f"Redis unavailable: {exc}", source="admin")
-        log.warning("admin reset the score and block of %s", backend.id)
-        return jsonify(reset=backend.id)
+
+    def known(backend_id: str) -> Member:
+        pool.sync()
+        member = pool.member(backend_id)
+        if member is None:
+            abort(404, f"no backend {backend_id!r} in this pool")
+        return member
+
+    def members_reply(status: int = 200) -> tuple[Response, int]:
+        return jsonify(members_rev=pool.rev, backends=[m.as_dict() for m in pool.members]), status
+
+    @app.get("/backends")
+    def list_backends() -> tuple[Response, int]:
+        try:
+            pool.sync()
+        except redis.RedisError as exc:
+            return json_error(503, f"Redis unavailable: {exc}", source="admin"), 503
+        return members_reply()
+
+    @app.post("/backends")
+    def add_backend() -> Response:
+        def add() -> Response:
+            data = request.get_json(silent=True)
+            if not isinstance(data, dict) or not isinstance(data.get("url"), str):
+                abort(400, 'expected JSON {"url": "http://host:port", "weight": 1}')
+            try:
+                member = new_member(data["url"], data.get("weight", 1))
+            except ValueError as exc:
+                abort(400, str(exc))
+            pool.sync()
+            if pool.member(member.id):
+                abort(409, f"backend {member.id} is already in the pool")
+            pool.change("put", member.id, member.to_json())
+            log.warning("admin added backend %s (weight %d)", member.id, member.weight)
+            return members_reply(201)
+        return changing(add)
+
+    @app.delete("/backends/<backend_id>")
+    def remove_backend(backend_id: str) -> Response:
+        def remove() -> Response:
+            known(backend_id)
+            pool.change("remove", backend_id)
+            log.warning("admin removed backend %s", backend_id)
+            return members_reply()
+        return changing(remove)
+
+    def set_member(backend_id: str, **change: Any) -> Response:
+        member = dataclasses.replace(known(backend_id), **change)
+        pool.change("put", member.id, member.to_json())
+        log.warning("admin set backend %s: %s", backend_id, change)
+        return members_reply()
+
+    @app.post("/backends/<backend_id>/drain")
+    def drain(backend_id: str) -> Response:
+        return changing(lambda: set_member(backend_id, state=DRAINING))
+
+    @app.post("/backends/<backend_id>/activate")
+    def activate(backend_id: str) -> Response:
+        return changing(lambda: set_member(backend_id, state=ACTIVE))
+
+    @app.put("/backends/<backend_id>/weight")
+    def weight(backend_id: str) -> Response:
+        def set_weight() -> Response:
+            data = request.get_json(silent=True)
+            try:
+                value = check_weight(data.get("weight") if isinstance(data, dict) else None)
+            except ValueError as exc:
+                abort(400, str(exc))
+            return set_member(backend_id, weight=value)
+        return changing(set_weight)
+
+    @app.post("/backends/<backend_id>/reset")
+    def reset(backend_id: str) -> Response:
+        def do_reset() -> Response:
+            pool.reset(known(backend_id).backend)
+            log.warning("admin reset the score and block of %s", backend_id)
+            return jsonify(reset=backend_id)
+        return changing(do_reset)
 
     return app
 

@@ -52,8 +52,7 @@ class HealthChecker:
         self.timeout = urllib3.Timeout(connect=settings.check_timeout_s,
                                        read=settings.check_timeout_s)
         self.upstreams = Upstreams(settings, maxsize=1)
-        self._probes = ThreadPoolExecutor(max_workers=min(16, len(settings.backends)),
-                                          thread_name_prefix="lb-check")
+        self._probes = ThreadPoolExecutor(max_workers=16, thread_name_prefix="lb-check")
         self._stop = threading.Event()
         self.holding = False
 
@@ -83,7 +82,7 @@ class HealthChecker:
             log.info("health checker %s: %s", self.owner, "taking over" if held else "standing by")
         self.holding = held
         if held:
-            for outcome in self._probes.map(self.probe, self.settings.backends):
+            for outcome in self._probes.map(self.probe, list(self.pool.backends)):
                 self.pool.report(outcome, check=True)
         return held
 

@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Mapping
 
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from apps.upstream import (
     STREAM_CHUNK, BodyStream, InFlight, UpstreamError, Upstreams, client_response_headers,
     has_no_body, read_capped, request_target, start_stream, upstream_request_headers,
 )
+from scorer.members import StateFile
 from scorer.pool import TIMEOUT, Outcome, Pool
 from scorer.settings import Backend, Settings, load_settings
 
@@ -109,7 +111,8 @@ class Forwarder:
             if remaining <= 0:
                 break
             try:
-                backend = self.pool.pick(self.inflight.flags(tried), retry=bool(tried))
+                backend = self.pool.pick(lambda backends: self.inflight.flags(backends, tried),
+                                         retry=bool(tried))
             except Exception:  # the store degrades by itself; this is a bug, not an outage
                 log.exception("pick failed")
                 break
@@ -241,11 +244,13 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     _log_through_gunicorn()
 
     # Gunicorn's master makes the runtime dir; degraded workers leave a marker there.
-    pool = Pool(settings, marker_dir=os.environ.get("LB_RUNTIME_DIR"))
+    pool = Pool(settings, marker_dir=os.environ.get("LB_RUNTIME_DIR"),
+                state_file=StateFile(Path(settings.state_dir) / f"members-{settings.pool}.json",
+                                     settings.backends))
     # Gunicorn's post_fork hook tells each worker its thread count.
     threads = int(os.environ.get("GUNICORN_WORKER_THREADS", "16"))
     forwarder = Forwarder(settings, pool, Upstreams(settings, maxsize=threads),
-                          InFlight(settings.backends, settings.max_inflight))
+                          InFlight(settings.max_inflight))
     app.extensions["lb.forwarder"] = forwarder
     if settings.check_interval_s > 0:
         checker = HealthChecker(settings, pool)

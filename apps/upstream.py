@@ -141,12 +141,26 @@ class Upstreams:
     """One keep-alive connection pool per backend, shared by a worker's threads."""
 
     def __init__(self, settings: Settings, maxsize: int) -> None:
-        timeout = urllib3.Timeout(connect=settings.connect_timeout, read=settings.read_timeout)
-        self._pools: Mapping[str, urllib3.HTTPConnectionPool] = {
-            b.id: urllib3.connection_from_url(
-                b.url, maxsize=maxsize, block=False, timeout=timeout, retries=False)
-            for b in settings.backends
-        }
+        self._timeout = urllib3.Timeout(connect=settings.connect_timeout,
+                                        read=settings.read_timeout)
+        self._maxsize = maxsize
+        self._lock = threading.Lock()
+        self._pools: dict[str, urllib3.HTTPConnectionPool] = {}
+        for backend in settings.backends:
+            self.pool_for(backend)
+
+    def pool_for(self, backend: Backend) -> urllib3.HTTPConnectionPool:
+        """The backend's connection pool, made on first use (membership changes at run time)."""
+        pool = self._pools.get(backend.id)
+        if pool is None:
+            with self._lock:
+                pool = self._pools.get(backend.id)
+                if pool is None:
+                    pool = urllib3.connection_from_url(
+                        backend.url, maxsize=self._maxsize, block=False,
+                        timeout=self._timeout, retries=False)
+                    self._pools[backend.id] = pool
+        return pool
 
     def send(self, backend: Backend, method: str, target: str, headers: Mapping[str, str],
              body: bytes | Iterator[bytes] | None,
@@ -160,7 +174,7 @@ class Upstreams:
         the request goes through the pool's own `_make_request` with the target
         exactly as the client sent it (urllib3 is pinned for this).
         """
-        pool = self._pools[backend.id]
+        pool = self.pool_for(backend)
         headers = dict(headers)
         for name in ("User-Agent", "Accept-Encoding"):  # urllib3 would add its own
             if not any(h.lower() == name.lower() for h in headers):
@@ -278,27 +292,27 @@ class InFlight:
     one hanging backend cannot hold every thread of a worker.
     """
 
-    def __init__(self, backends: Sequence[Backend], cap: int) -> None:
-        self._backends = list(backends)
+    def __init__(self, cap: int) -> None:
         self._cap = cap
-        self._counts = {b.id: 0 for b in backends}
+        self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def acquire(self, backend: Backend) -> None:
         with self._lock:
-            self._counts[backend.id] += 1
+            self._counts[backend.id] = self._counts.get(backend.id, 0) + 1
 
     def release(self, backend: Backend) -> None:
         with self._lock:
             self._counts[backend.id] -= 1
 
     def count(self, backend: Backend) -> int:
-        return self._counts[backend.id]
+        return self._counts.get(backend.id, 0)
 
-    def flags(self, tried: Iterable[Backend]) -> str:
-        """pick.lua's flags: 'x' tried by this request, 'b' at the cap, '.' eligible."""
+    def flags(self, backends: Sequence[Backend], tried: Iterable[Backend]) -> str:
+        """pick.lua's flags for `backends` (the pool's current order): 'x' tried by
+        this request, 'b' at the cap, '.' eligible."""
         tried_ids = {b.id for b in tried}
         flags = "".join("x" if b.id in tried_ids else
-                        "b" if self._counts[b.id] >= self._cap else "."
-                        for b in self._backends)
+                        "b" if self._counts.get(b.id, 0) >= self._cap else "."
+                        for b in backends)
         return "" if flags.count(".") == len(flags) else flags

@@ -119,6 +119,7 @@ def start_balancer(backends: list[str], redis_url: str, log_dir: Path, *,
     """Start the balancer under Gunicorn; return it, its traffic URL and its admin URL."""
     port, admin_port = free_port(), free_port()
     settings = {"LB_BACKENDS": ",".join(backends), "REDIS_URL": redis_url,
+                "LB_STATE_DIR": str(log_dir / "lb-state"),
                 "LB_PORT": str(port), "LB_ADMIN_PORT": str(admin_port),
                 "LB_POOL": f"test-{port}", "GUNICORN_WORKERS": str(workers),
                 "GUNICORN_THREADS": str(threads), **(env or {})}

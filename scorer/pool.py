@@ -6,15 +6,21 @@ at most two Redis round trips: one `pick`, one `report`.
 """
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import redis
 
+from scorer import members as members_mod
+from scorer.members import DRAINING, Member, StateFile, parse_snapshot
 from scorer.settings import Backend, Settings
 from scorer.store import Store
+
+log = logging.getLogger("lb.pool")
 
 # Outcome kinds of one upstream attempt. "ok" is any HTTP answer below 500:
 # a 4xx is the client's fault, not the backend's.
@@ -47,6 +53,14 @@ def pool_key(pool: str) -> str:
     # Every key of a pool shares the hash tag {pool}, so one script can touch
     # them all on Redis Cluster.
     return f"lb:{{{pool}}}:pool"
+
+
+def members_key(pool: str) -> str:
+    return f"lb:{{{pool}}}:members"
+
+
+def member_order_key(pool: str) -> str:
+    return f"lb:{{{pool}}}:member_order"
 
 
 def checker_key(pool: str) -> str:
@@ -94,49 +108,125 @@ class Pool:
     def __init__(self, settings: Settings,
                  redis_factory: Callable[[], redis.Redis] | None = None,
                  clock: Callable[[], float] = time.time, *,
-                 degrade: bool = True, marker_dir: str | None = None) -> None:
+                 degrade: bool = True, marker_dir: str | None = None,
+                 state_file: StateFile | None = None) -> None:
         self.settings = settings
-        self.backends = settings.backends
         self.clock = clock
         self.store = Store(redis_factory or (lambda: connect(settings)),
-                           {name: load_lua(name) for name in ("pick", "report", "checker")},
+                           {name: load_lua(name)
+                            for name in ("pick", "report", "checker", "members")},
                            degrade=degrade, retry_s=settings.redis_retry_s,
                            marker_dir=marker_dir)
-        self._index = {b.id: i for i, b in enumerate(self.backends)}
-        # Both scripts take the same keys: the pool's hash, then every backend's.
-        self._keys = [pool_key(settings.pool),
-                      *(backend_key(settings.pool, b.id) for b in self.backends)]
+        self.state_file = state_file
+        self._config = members_mod.fingerprint(settings.backends)
+        self._lock = threading.Lock()
+        self._pool_key = pool_key(settings.pool)
+        self._members_keys = [self._pool_key, members_key(settings.pool),
+                              member_order_key(settings.pool)]
+        self._checker_key = checker_key(settings.pool)
         self._scored = "1" if settings.strategy == "scored" else "0"
         self._pick_params = [repr(settings.retry_budget), repr(settings.retry_budget_min),
                              repr(settings.retry_budget_tau_s), repr(settings.slow_start_s),
                              repr(settings.check_interval_s)]
-        self._checker_key = checker_key(settings.pool)
         self._params = [repr(getattr(settings, name)) for name in REPORT_PARAMS]
+        # The membership this worker knows: the start-up list (or the one saved
+        # on disk) until Redis says otherwise (rev None: not asked yet).
+        saved = state_file.load() if state_file else None
+        self._use(members_mod.from_settings(settings.backends) if saved is None else saved)
+        self.rev: int | None = None
+
+    # --- membership ---------------------------------------------------------------
+
+    def _use(self, members: list[Member]) -> None:
+        """Adopt a membership: the keys and per-backend arguments both scripts take."""
+        self.members = members
+        self.backends = [m.backend for m in members]
+        self._index = {m.id: i for i, m in enumerate(members)}
+        # Both scripts take the same keys: the pool's hash, then every backend's.
+        self._keys = [self._pool_key,
+                      *(backend_key(self.settings.pool, m.id) for m in members)]
+        weights = [0 if m.state == DRAINING else m.weight for m in members]
+        self._weights = "" if all(w == 1 for w in weights) else ",".join(map(str, weights))
+
+    def sync(self) -> None:
+        """Reload the membership from Redis. A Redis without one (restarted) is seeded
+        from this worker's copy; at start-up, one that grew from another start-up
+        list is replaced: a new LB_BACKENDS wins, runtime changes otherwise persist."""
+        with self._lock:
+            reply = self.store.run("members", self._members_keys, ["get"])
+            seed = [self._config, *members_mod.seed_args(self.members)]
+            if int(reply[0]) == 0:
+                reply = self.store.run("members", self._members_keys, ["seed", *seed])
+            elif self.rev is None and parse_snapshot(reply)[1] != self._config:
+                log.warning("pool %s grew from another LB_BACKENDS: replacing it with this "
+                            "balancer's", self.settings.pool)
+                reply = self.store.run("members", self._members_keys, ["replace", *seed])
+            self._adopt(reply)
+
+    def _adopt(self, reply: Any) -> None:
+        rev, _, members = parse_snapshot(reply)
+        changed = [m.to_json() for m in members] != [m.to_json() for m in self.members]
+        self.rev = rev
+        if members:
+            self._use(members)
+        if changed and self.state_file:
+            self.state_file.save(self.members)
+
+    def change(self, op: str, *args: str) -> list[Member]:
+        """Apply a membership change in Redis (admin): 'put' id json, 'remove' id."""
+        if self.rev is None:
+            self.sync()
+        reply = self.store.run("members", self._members_keys, [op, *args])
+        if int(reply[0]) < 0:
+            raise KeyError(args[0])
+        with self._lock:
+            self._adopt(reply)
+        return self.members
+
+    def member(self, backend_id: str) -> Member | None:
+        return next((m for m in self.members if m.id == backend_id), None)
+
+    # --- traffic ------------------------------------------------------------------
 
     @property
     def redis(self) -> redis.Redis:
         return self.store.redis
 
-    def pick(self, flags: str = "", retry: bool = False) -> Backend | None:
+    def pick(self, flags: str | Callable[[Sequence[Backend]], str] = "",
+             retry: bool = False) -> Backend | None:
         """Advance the shared cursor past blocked backends and return the one it lands on.
 
         `flags` has one character per backend: '.' eligible, 'b' busy (passed over
-        like a blocked one), 'x' already tried (never picked). A retry may be
-        refused (retry budget, or nothing untried left): then None.
+        like a blocked one), 'x' already tried (never picked); or it is a function
+        making them for a list of backends, asked again if the membership changes.
+        A retry may be refused (retry budget, or nothing untried left): then None.
         """
-        index, _panic = self.store.run(
-            "pick", self._keys,
-            [repr(self.clock()), self._scored, flags, "1" if retry else "0", *self._pick_params])
-        return None if int(index) < 0 else self.backends[int(index)]
+        if self.rev is None:
+            self.sync()
+        for _ in range(3):
+            backends, rev = self.backends, self.rev
+            index, _panic, _rev = self.store.run(
+                "pick", self._keys,
+                [repr(self.clock()), self._scored, flags(backends) if callable(flags) else flags,
+                 "1" if retry else "0", *self._pick_params, self._weights, str(rev)])
+            if int(index) != -2:
+                return None if int(index) < 0 else backends[int(index)]
+            self.sync()  # the membership changed (or Redis lost it): reload, ask again
+            if not callable(flags):
+                flags = ""  # made for the old list
+        raise RuntimeError("the membership keeps changing under pick")
 
     def report(self, outcome: Outcome, check: bool = False) -> tuple[float, int]:
         """Score one attempt's outcome (or a health check's, with `check`); return
-        the new score and the turns of a block it started (0 for none)."""
+        the new score and the turns of a block it started (0 for none). A backend
+        removed from the pool meanwhile is not scored."""
+        index = self._index.get(outcome.backend.id)
+        if index is None:
+            return 0.0, 0
         score, turns = self.store.run(
             "report", self._keys,
-            [repr(self.clock()), self._index[outcome.backend.id],
-             f"{outcome.latency_s * 1000:.3f}", outcome.kind, outcome.status or 0,
-             self._scored, "1" if check else "0", *self._params])
+            [repr(self.clock()), index, f"{outcome.latency_s * 1000:.3f}", outcome.kind,
+             outcome.status or 0, self._scored, "1" if check else "0", *self._params])
         return float(score), int(turns)
 
     def hold_checker(self, owner: str, ttl_s: float) -> bool:
@@ -151,11 +241,11 @@ class Pool:
 
     def reset(self, backend: Backend) -> None:
         """Forget a backend's score, block and recent history (its counters stay)."""
-        self.redis.hdel(self._keys[1 + self._index[backend.id]], *RESET_FIELDS)
+        self.redis.hdel(backend_key(self.settings.pool, backend.id), *RESET_FIELDS)
 
     def forget(self) -> None:
         """Delete this pool's keys (a finished simulation's)."""
-        self.redis.delete(*self._keys, self._checker_key)
+        self.redis.delete(*self._keys, self._checker_key, *self._members_keys[1:])
 
     def ping(self) -> bool:
         """Whether Redis answers now."""
@@ -163,6 +253,7 @@ class Pool:
 
     def raw_state(self) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
         """The pool's hash and each backend's hash, as stored in Redis."""
+        self.sync()
         pipe = self.redis.pipeline(transaction=False)
         for key in self._keys:
             pipe.hgetall(key)
@@ -183,8 +274,9 @@ class Pool:
             "block_swaps": int(pool.get("block_swaps", 0)),
             "retries_denied": int(pool.get("retries_denied", 0)),
             "trial_picks": int(pool.get("trial_picks", 0)),
-            "backends": [{"id": b.id, "url": b.url, **describe_backend(backends[b.id])}
-                         for b in self.backends],
+            "members_rev": self.rev,
+            "backends": [{**m.as_dict(), **describe_backend(backends[m.id])}
+                         for m in self.members],
         }
 
 

@@ -245,6 +245,10 @@ TABLE: tuple[Setting, ...] = (
     Setting("LB_POOL", "default", parse_pool_name, "name",
             "Name of the pool's state in Redis (keys `lb:{<pool>}:...`); balancers "
             "with the same name and Redis share one cursor."),
+    Setting("LB_STATE_DIR", ".lb-state", str, "path",
+            "Where each balancer keeps its last known membership "
+            "(`members-<pool>.json`), restored after a restart of Redis and balancer, "
+            "unless LB_BACKENDS changed meanwhile."),
     Setting("LB_REDIS_PORT", DEFAULT_REDIS_PORT, parse_port, "port",
             "Port of the bundled Redis server that `honcho start` runs when `REDIS_URL` is unset."),
     Setting("REDIS_URL", "", parse_redis_url, "URL",
@@ -360,6 +364,7 @@ class Settings:
     access_log: str
     preserve_host: bool
     pool: str
+    state_dir: str
     redis_port: int
     redis_url: str
     redis_retry_s: float

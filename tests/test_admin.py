@@ -85,3 +85,67 @@ def test_redis_passwords_are_redacted():
     assert redacted("redis://:pw@host:6379/0") == "redis://:***@host:6379/0"
     assert redacted("redis://user:pw@host/0") == "redis://user:***@host/0"
     assert redacted("redis://host/0") == "redis://host/0"
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def ids(response) -> list[tuple[str, int, str]]:
+    return [(b["id"], b["weight"], b["state"]) for b in response.get_json()["backends"]]
+
+
+def test_membership_can_be_read_without_a_token():
+    client, _ = make_admin()
+    assert [i for i, _, _ in ids(client.get("/backends"))] == [
+        "127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("POST", "/backends", {"url": "http://127.0.0.1:9004"}),
+    ("DELETE", "/backends/127.0.0.1:9001", None),
+    ("POST", "/backends/127.0.0.1:9001/drain", None),
+    ("POST", "/backends/127.0.0.1:9001/activate", None),
+    ("PUT", "/backends/127.0.0.1:9001/weight", {"weight": 2}),
+])
+def test_every_membership_change_needs_the_token(method, path, body):
+    client, pool = make_admin()
+    assert client.open(path, method=method, json=body).status_code == 401
+    assert client.open(path, method=method, json=body,
+                       headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.open(path, method=method, json=body, headers=AUTH).status_code in (200, 201)
+
+
+def test_add_drain_weigh_and_remove_backends():
+    client, pool = make_admin()
+    added = client.post("/backends", json={"url": "http://127.0.0.1:9004", "weight": 2},
+                        headers=AUTH)
+    assert added.status_code == 201 and ("127.0.0.1:9004", 2, "active") in ids(added)
+    assert client.post("/backends", json={"url": "http://127.0.0.1:9004"},
+                       headers=AUTH).status_code == 409
+    drained = client.post("/backends/127.0.0.1:9001/drain", headers=AUTH)
+    assert ("127.0.0.1:9001", 1, "draining") in ids(drained)
+    weighed = client.put("/backends/127.0.0.1:9002/weight", json={"weight": 5}, headers=AUTH)
+    assert ("127.0.0.1:9002", 5, "active") in ids(weighed)
+    removed = client.delete("/backends/127.0.0.1:9003", headers=AUTH)
+    assert "127.0.0.1:9003" not in [i for i, _, _ in ids(removed)]
+    # The pool's picks follow: 9001 draining, 9002 five times, 9004 twice.
+    picks = [pool.pick().id for _ in range(14)]
+    assert picks.count("127.0.0.1:9002") == 10 and picks.count("127.0.0.1:9004") == 4
+    assert "127.0.0.1:9001" not in picks
+    status = client.get("/status").get_json()
+    assert [(b["id"], b["state"]) for b in status["backends"]][0] == ("127.0.0.1:9001",
+                                                                       "draining")
+
+
+@pytest.mark.parametrize("method, path, body, status", [
+    ("POST", "/backends", {"url": "ftp://x"}, 400),
+    ("POST", "/backends", {"weight": 1}, 400),
+    ("POST", "/backends", {"url": "http://a:1", "weight": 101}, 400),
+    ("PUT", "/backends/127.0.0.1:9001/weight", {"weight": "heavy"}, 400),
+    ("DELETE", "/backends/10.0.0.9:1", None, 404),
+    ("POST", "/backends/10.0.0.9:1/drain", None, 404),
+])
+def test_bad_membership_changes_get_a_clear_4xx(method, path, body, status):
+    client, _ = make_admin()
+    response = client.open(path, method=method, json=body, headers=AUTH)
+    assert response.status_code == status and response.is_json

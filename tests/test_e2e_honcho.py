@@ -42,7 +42,8 @@ class Honcho:
         full_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
                     "LB_TEST_MARKER": self.marker.split("=", 1)[1],
                     "LB_PORT": str(self.port), "LB_ADMIN_PORT": str(self.admin_port),
-                    "LB_REDIS_PORT": str(free_port()), **env}
+                    "LB_REDIS_PORT": str(free_port()), "LB_STATE_DIR": str(tmp_path / "state"),
+                    **env}
         with open(self.log, "wb") as out:
             # Own session, as a terminal's foreground job would be; SIGINT is Ctrl-C.
             self.popen = subprocess.Popen([str(BIN / "honcho"), "start", *types], cwd=ROOT,

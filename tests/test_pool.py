@@ -6,13 +6,15 @@ import re
 import threading
 from collections import Counter
 
+import fakeredis
 import pytest
 import redis
 
 from scorer.pool import (
     CONNECT, HTTP_5XX, OK, REPORT_PARAMS, TIMEOUT, Outcome, Pool, backend_key, load_lua, pool_key,
 )
-from scorer.settings import load_settings
+from scorer.members import Member, StateFile
+from scorer.settings import load_settings, parse_backends
 
 BACKENDS = "http://127.0.0.1:9001,http://127.0.0.1:9002,http://127.0.0.1:9003"
 # Settings that isolate one rule at a time: no latency judgement, no score fading,
@@ -85,10 +87,11 @@ def test_pools_with_different_names_have_separate_cursors(any_redis):
 
 
 def test_cursor_stays_valid_when_the_pool_shrinks(any_redis):
-    ports(make_pool(any_redis), 3)
-    two = make_pool(any_redis, backends="http://127.0.0.1:9001,http://127.0.0.1:9002")
+    pool = make_pool(any_redis)
+    ports(pool, 3)
+    pool.change("remove", "127.0.0.1:9003")
     # The cursor sat on slot 2 of 3; modulo 2 the rotation carries on from slot 1.
-    assert ports(two, 3) == [9002, 9001, 9002]
+    assert ports(pool, 3) == [9002, 9001, 9002]
     assert int(any_redis.hget(pool_key("t"), "cursor")) < 2
 
 
@@ -97,7 +100,8 @@ def test_every_key_carries_the_pool_hash_tag(any_redis):
     backend = pool.pick()
     pool.report(Outcome(backend, 0.01, status=200))
     keys = sorted(k.decode() for k in any_redis.keys("*"))
-    assert keys == [backend_key("alpha", backend.id), pool_key("alpha")]
+    assert keys == [backend_key("alpha", backend.id), "lb:{alpha}:member_order",
+                    "lb:{alpha}:members", pool_key("alpha")]
     assert all("{alpha}" in key for key in keys)
 
 
@@ -669,3 +673,83 @@ def test_a_block_lasts_while_fresh_checks_keep_failing(any_redis, clock):
     assert 9002 not in ports(pool, 60)
     clock.advance(3.5)  # that check is now stale (over 3 intervals old): the block may end
     assert 9002 in ports(pool, 3)
+
+
+
+# --- membership: in Redis, seen by every worker at once -----------------------------
+
+def member_json(url: str, weight: int = 1, state: str = "active") -> str:
+    return Member(parse_backends(url)[0], weight, state).to_json()
+
+
+def test_runtime_changes_persist_across_restarts_until_the_start_up_list_changes(any_redis):
+    first = make_pool(any_redis)
+    first.change("remove", "127.0.0.1:9003")
+    restarted = make_pool(any_redis)  # the same LB_BACKENDS: the change persists
+    assert set(ports(restarted, 4)) == {9001, 9002}
+    changed = make_pool(any_redis, backends="http://127.0.0.1:7001")  # a new LB_BACKENDS wins
+    assert ports(changed, 2) == [7001, 7001]
+    ports(first, 1)  # the others follow at their next pick
+    assert first.backends == changed.backends
+
+
+def test_a_change_by_one_worker_is_seen_by_another_at_once(any_redis):
+    first, second = make_pool(any_redis), make_pool(any_redis)
+    assert ports(second, 1) == [9001]
+    first.change("put", "127.0.0.1:9004", member_json("http://127.0.0.1:9004"))
+    # second's next pick sees the new revision and reloads: the new backend joins.
+    picks = ports(second, 8)
+    assert 9004 in picks and set(picks) == {9001, 9002, 9003, 9004}
+    first.change("remove", "127.0.0.1:9001")
+    ports(second, 1)
+    assert 9001 not in ports(second, 6)
+
+
+def test_a_draining_backend_gets_no_new_requests_but_its_answers_count(any_redis, clock):
+    pool = make_pool(any_redis, clock)
+    pool.change("put", "127.0.0.1:9002", member_json("http://127.0.0.1:9002", state="draining"))
+    assert 9002 not in ports(pool, 9)
+    pool.report(Outcome(pool.backends[1], 0.01, status=200))  # a request still in flight
+    assert state(pool, 1)["requests"] == 1 and state(pool, 1)["state"] == "draining"
+
+
+def test_weights_give_proportional_shares(any_redis):
+    pool = make_pool(any_redis)
+    pool.change("put", "127.0.0.1:9001", member_json("http://127.0.0.1:9001", weight=3))
+    pool.change("put", "127.0.0.1:9003", member_json("http://127.0.0.1:9003", weight=0))
+    picks = ports(pool, 40)
+    assert picks[:8] == [9001, 9001, 9001, 9002, 9001, 9001, 9001, 9002]
+    assert picks.count(9001) == 30 and picks.count(9002) == 10 and 9003 not in picks
+
+
+def test_a_redis_that_lost_its_keys_is_seeded_from_the_last_copy_not_the_config(any_redis):
+    pool = make_pool(any_redis)
+    pool.change("remove", "127.0.0.1:9002")
+    any_redis.flushall()  # a Redis restart
+    ports(pool, 1)  # sees revision 0, seeds Redis again from its copy
+    assert set(ports(pool, 6)) == {9001, 9003}
+    newcomer = make_pool(any_redis)  # a worker that starts now gets the same list
+    newcomer.sync()
+    assert newcomer.backends == pool.backends
+
+
+def test_the_membership_survives_a_restart_of_redis_and_balancer_in_a_file(tmp_path):
+    settings = load_settings(environ={**RULES, "LB_BACKENDS": BACKENDS, "LB_POOL": "f"})
+    state = StateFile(tmp_path / "members.json", settings.backends)
+    pool = Pool(settings, redis_factory=lambda: fakeredis.FakeRedis(server=fakeredis.FakeServer()),
+                state_file=state)
+    pool.change("put", "127.0.0.1:9004", member_json("http://127.0.0.1:9004", weight=2))
+    pool.change("remove", "127.0.0.1:9001")
+    # Both restart: a new process, an empty Redis.
+    again = Pool(settings, redis_factory=lambda: fakeredis.FakeRedis(server=fakeredis.FakeServer()),
+                 state_file=StateFile(tmp_path / "members.json", settings.backends))
+    again.sync()
+    assert [(m.id, m.weight) for m in again.members] == [
+        ("127.0.0.1:9002", 1), ("127.0.0.1:9003", 1), ("127.0.0.1:9004", 2)]
+    # A changed start-up list wins over what was saved for the old one.
+    changed = load_settings(environ={**RULES, "LB_BACKENDS": "http://127.0.0.1:7001",
+                                     "LB_POOL": "f"})
+    fresh = Pool(changed, redis_factory=lambda: fakeredis.FakeRedis(server=fakeredis.FakeServer()),
+                 state_file=StateFile(tmp_path / "members.json", changed.backends))
+    fresh.sync()
+    assert [m.id for m in fresh.members] == ["127.0.0.1:7001"]

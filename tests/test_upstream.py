@@ -68,14 +68,14 @@ def test_connection_tokens_are_case_insensitive():
 def test_in_flight_flags_mark_tried_and_busy_backends():
     from apps.upstream import InFlight
     backends = load_settings(environ={}).backends
-    inflight = InFlight(backends, cap=2)
-    assert inflight.flags([]) == ""  # all eligible: nothing to say
+    inflight = InFlight(cap=2)
+    assert inflight.flags(backends, []) == ""  # all eligible: nothing to say
     inflight.acquire(backends[1])
     inflight.acquire(backends[1])
-    assert inflight.flags([]) == ".b."
-    assert inflight.flags([backends[0]]) == "xb."
+    assert inflight.flags(backends, []) == ".b."
+    assert inflight.flags(backends, [backends[0]]) == "xb."
     inflight.release(backends[1])
-    assert inflight.flags([backends[2]]) == "..x"
+    assert inflight.flags(backends, [backends[2]]) == "..x"
 
 
 def test_ipv6_backends_keep_their_brackets():

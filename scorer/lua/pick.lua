@@ -16,10 +16,18 @@
 -- ARGV[8]  slow_start_s        time a backend back from a block takes to ramp up to
 --                              its full share
 -- ARGV[9]  check_interval_s    the health checker's interval (0: no active checks)
--- Returns  {index, panic}: the 0-based index of the picked backend, and 1 when
+-- ARGV[10] weights             comma-separated weight per backend, '' for all 1:
+--                              a backend of weight w is picked w times in a row
+--                              per turn of the cursor; weight 0 is never picked
+-- ARGV[11] known_rev           the membership revision the caller's keys and flags
+--                              are built from
+-- Returns  {index, panic, members_rev}: the 0-based index of the picked backend, 1 when
 --          every candidate was blocked and the lowest score was taken instead
 --          (when only busy ones were left, one is taken over its cap: not panic); {-1, 0} when a retry is refused: over budget, or no
 --          unblocked, idle backend left that this request has not tried.
+--          {-2, 0, members_rev} when the membership changed since known_rev
+--          (members.lua), nothing picked: the caller reloads and asks again, so
+--          no request ever goes by an old membership (to a drained backend, say).
 --
 -- Rules: the cursor moves one slot at a time. A blocked backend (in_block = 1)
 -- it passes loses one turn and is skipped. A block ends when the cursor reaches
@@ -41,38 +49,57 @@ local retry_budget_min = tonumber(ARGV[6])
 local retry_budget_tau_s = tonumber(ARGV[7])
 local slow_start_s = tonumber(ARGV[8])
 local check_interval_s = tonumber(ARGV[9])
+local weights = {}
+for weight in string.gmatch(ARGV[10] or '', '[^,]+') do
+    weights[#weights + 1] = tonumber(weight)
+end
 
 local pool_key = KEYS[1]
 local n = #KEYS - 1
 
 local function num(value) return tonumber(value) or 0 end
 local function flag(index)
+    if (weights[index + 1] or 1) <= 0 then return 'x' end  -- weight 0: never picked
     if flags == '' then return '.' end
     return string.sub(flags, index + 1, index + 1)
 end
 
 -- The retry budget: decayed counts of first attempts and of retries.
-local budget = redis.call('HMGET', pool_key, 'cursor', 'req_sum', 'retry_sum', 'budget_at')
+local budget = redis.call('HMGET', pool_key, 'cursor', 'req_sum', 'retry_sum', 'budget_at',
+                          'members_rev', 'turn_served')
 local last = tonumber(budget[1]) or -1
+local rev = tonumber(budget[5]) or 0
+local served = num(budget[6])
+if tonumber(ARGV[11]) ~= rev then
+    return {-2, 0, rev}
+end
 local budget_fade = math.exp(-math.max(0, now - num(budget[4])) / retry_budget_tau_s)
 local req_sum, retry_sum = num(budget[2]) * budget_fade, num(budget[3]) * budget_fade
 if is_retry and retry_sum + 1 > retry_budget * req_sum + retry_budget_min then
     redis.call('HINCRBY', pool_key, 'retries_denied', 1)
-    return {-1, 0}
+    return {-1, 0, rev}
 end
 
 local function take(index, counter)
     if is_retry then retry_sum = retry_sum + 1 else req_sum = req_sum + 1 end
+    -- Weighted turns: picking the same backend again counts toward its weight.
+    served = (index == last) and served + 1 or 1
     redis.call('HSET', pool_key, 'cursor', index, 'req_sum', req_sum, 'retry_sum', retry_sum,
-               'budget_at', math.max(num(budget[4]), now))
+               'budget_at', math.max(num(budget[4]), now), 'turn_served', served)
     if counter then
         redis.call('HINCRBY', pool_key, counter, 1)
     end
-    return {index, counter == 'panic_picks' and 1 or 0}
+    return {index, counter == 'panic_picks' and 1 or 0, rev}
+end
+
+-- The cursor stays on a backend until it has served its weight in this turn.
+local first_step = 1
+if last >= 0 and last < n and served < (weights[last + 1] or 1) then
+    first_step = 0
 end
 
 local blocked_at = {}
-for step = 1, n do
+for step = first_step, first_step + n - 1 do
     local index = (last + step) % n
     local key = KEYS[index + 2]
     local blocked, ramping = false, false
@@ -92,7 +119,7 @@ for step = 1, n do
                 return take(index, 'trial_picks')
             elseif turns > 0 or now < num(state[3]) or checks_failing then
                 blocked = true
-                if turns > 0 then
+                if turns > 0 and step > 0 then  -- staying put is not passing it
                     redis.call('HSET', key, 'blocked_turns', turns - 1)
                 end
             else
@@ -125,7 +152,7 @@ end
 -- A retry goes only to a healthy backend this request has not tried: never to
 -- a blocked one, which would turn one failure into two.
 if is_retry then
-    return {-1, 0}
+    return {-1, 0, rev}
 end
 
 -- Panic: every candidate is blocked or busy. A busy but unblocked backend is
@@ -143,7 +170,7 @@ for step = 1, n do
     end
 end
 if best == nil then
-    return {-1, 0}
+    return {-1, 0, rev}
 end
 -- Only a pick among blocked backends is panic; going over a healthy
 -- backend's in-flight cap is counted apart.

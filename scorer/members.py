@@ -1,0 +1,130 @@
+"""The pool's membership: which backends, their weights, and which are draining.
+
+Membership lives in Redis (scorer/lua/members.lua), so a change made through
+the admin listener reaches every worker and every balancer host at once. Each
+worker keeps its last known copy, used while Redis is away and to seed a Redis
+that lost its keys; and writes it to a file, so that a restart of both Redis
+and the balancer restores the last membership instead of the start-up list,
+as long as the start-up list (LB_BACKENDS) has not changed meanwhile.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from scorer.settings import Backend, parse_backends
+
+log = logging.getLogger("lb.members")
+
+ACTIVE, DRAINING = "active", "draining"
+MAX_WEIGHT = 100
+
+
+@dataclass(frozen=True)
+class Member:
+    """A backend in the pool, with its weight and state."""
+
+    backend: Backend
+    weight: int = 1
+    state: str = ACTIVE
+    order: int = 0  # its place in the rotation, the same for every worker
+
+    @property
+    def id(self) -> str:
+        return self.backend.id
+
+    def to_json(self) -> str:
+        return json.dumps({"url": self.backend.url, "weight": self.weight,
+                           "state": self.state}, sort_keys=True)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "url": self.backend.url, "weight": self.weight,
+                "state": self.state}
+
+
+def from_settings(backends: Sequence[Backend]) -> list[Member]:
+    return [Member(b, order=i) for i, b in enumerate(backends)]
+
+
+def new_member(url: str, weight: int = 1) -> Member:
+    """A member from an admin request; ValueError when the URL or weight is bad."""
+    (backend,) = parse_backends(url)
+    return Member(backend, check_weight(weight))
+
+
+def check_weight(weight: Any) -> int:
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"weight must be an integer from 0 to {MAX_WEIGHT}")
+    return weight
+
+
+def fingerprint(backends: Sequence[Backend]) -> str:
+    """The start-up list, as members.lua records where a membership came from."""
+    return ",".join(b.url for b in backends)
+
+
+def parse_snapshot(reply: Sequence[Any]) -> tuple[int, str, list[Member]]:
+    """members.lua's reply -> (revision, start-up list it came from, members in order)."""
+    rev, config, rest = int(reply[0]), _text(reply[1]), list(reply[2:])
+    members = []
+    for raw_id, raw_json, order in zip(rest[0::3], rest[1::3], rest[2::3]):
+        data = json.loads(_text(raw_json))
+        (backend,) = parse_backends(data["url"])
+        members.append(Member(backend, int(data.get("weight", 1)), data.get("state", ACTIVE),
+                              int(order)))
+    return rev, config, sorted(members, key=lambda m: m.order)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def seed_args(members: Sequence[Member]) -> list[str]:
+    return [part for m in members for part in (m.id, m.to_json())]
+
+
+def with_change(members: Sequence[Member], changed: Member) -> list[Member]:
+    return [replace(changed, order=m.order) if m.id == changed.id else m for m in members]
+
+
+class StateFile:
+    """The membership on disk, tied to the start-up list it grew from."""
+
+    def __init__(self, path: str | os.PathLike, configured: Sequence[Backend]) -> None:
+        self.path = Path(path)
+        self.configured = [b.url for b in configured]
+
+    def load(self) -> list[Member] | None:
+        """The saved membership, if there is one and the start-up list is unchanged."""
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s: %s", self.path, exc)
+            return None
+        if data.get("configured") != self.configured:
+            log.warning("LB_BACKENDS changed since %s was saved: starting from LB_BACKENDS",
+                        self.path)
+            return None
+        _, _, members = parse_snapshot([0, "", *(part for m in data["members"] for part in
+                                                 (m["id"], json.dumps(m), m["order"]))])
+        return members
+
+    def save(self, members: Sequence[Member]) -> None:
+        """Write atomically: workers and hosts may write at the same moment."""
+        payload = {"configured": self.configured,
+                   "members": [{**m.as_dict(), "order": m.order} for m in members]}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".members-")
+            with os.fdopen(fd, "w") as handle:
+                json.dump(payload, handle, indent=1)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("cannot save the membership to %s: %s", self.path, exc)

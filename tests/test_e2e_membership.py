@@ -1,0 +1,114 @@
+"""End to end: runtime membership through the admin listener, across balancer hosts."""
+from __future__ import annotations
+
+import json
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from scorer.redis_server import server_command
+from tests.support import (
+    connections_to, fire, free_port, gunicorn, spawn, start_balancer, start_echo, wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "members-t0ken"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def env(pool: str) -> dict[str, str]:
+    return {"LB_POOL": pool, "LB_ADMIN_TOKEN": TOKEN, "LB_CHECK_INTERVAL_S": "0"}
+
+
+def upstreams(url: str, n: int = 30) -> set[str]:
+    return {r.upstream for r in fire(url, n, 3, "POST") if r.status == 200}
+
+
+def test_a_change_through_one_balancer_applies_to_the_other_at_once(redis_server, tmp_path):
+    echoes = [start_echo(i, tmp_path) for i in range(3)]
+    ids = [u.removeprefix("http://") for _, u in echoes]
+    first_two = [u for _, u in echoes[:2]]
+    (a, a_url, a_admin), (b, b_url, b_admin) = [
+        start_balancer(first_two, redis_server, tmp_path, name=f"lb-{n}", env=env("members-ab"))
+        for n in "ab"]
+    try:
+        assert upstreams(b_url) == set(ids[:2])
+        added = requests.post(f"{a_admin}/backends", json={"url": echoes[2][1]}, headers=AUTH,
+                              timeout=5)
+        assert added.status_code == 201
+        assert upstreams(b_url) == set(ids)  # b follows at once
+        assert requests.delete(f"{b_admin}/backends/{ids[0]}", headers=AUTH,
+                               timeout=5).status_code == 200
+        assert upstreams(a_url) == set(ids[1:])
+        listed = requests.get(f"{a_admin}/backends", timeout=5).json()["backends"]
+        assert [m["id"] for m in listed] == ids[1:]
+    finally:
+        for proc in (a, b):
+            proc.stop()
+        for proc, _ in echoes:
+            proc.stop()
+
+
+def test_a_draining_backend_finishes_its_requests_and_gets_no_new_ones(redis_server, tmp_path):
+    port = free_port()
+    reflect = spawn("reflect", gunicorn("tests.reflect:create_app()", port, "-w", "1",
+                                        "--threads", "16"), {}, tmp_path, [port])
+    slow = f"http://127.0.0.1:{port}"
+    echo, echo_url = start_echo(0, tmp_path)
+    proc, url, admin = start_balancer([slow, echo_url], redis_server, tmp_path,
+                                      env=env("members-drain"))
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            # GET /sleep goes to both in turn; those on the reflect backend take 2 s.
+            in_flight = [pool.submit(requests.get, f"{url}/sleep/2.0", timeout=10)
+                         for _ in range(4)]
+            # Wait until the slow backend holds requests.
+            wait_for(lambda: connections_to(port) >= 1, what="requests in flight")
+            drained = requests.post(f"{admin}/backends/127.0.0.1:{port}/drain", headers=AUTH,
+                                    timeout=5)
+            assert drained.status_code == 200
+            after = fire(url, 20, 4, "POST")
+            assert all(r.upstream == echo_url.removeprefix("http://") for r in after)
+            finished = [f.result() for f in in_flight]
+        # The requests already on the draining backend were answered, not cut (the
+        # echo answers a GET with 405: also an answer).
+        on_drained = [r for r in finished if r.headers["X-Upstream"] == f"127.0.0.1:{port}"]
+        assert on_drained and all(r.status_code == 200 for r in on_drained)
+    finally:
+        proc.stop()
+        echo.stop()
+        reflect.stop()
+
+
+def test_the_membership_survives_a_redis_restart(tmp_path):
+    redis_port = free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    redis_proc = [spawn("redis", server_command(redis_port), {}, tmp_path, [redis_port])]
+    echoes = [start_echo(i, tmp_path) for i in range(3)]
+    ids = [u.removeprefix("http://") for _, u in echoes]
+    proc, url, admin = start_balancer([u for _, u in echoes], redis_url, tmp_path,
+                                      env=env("members-restart"))
+    try:
+        assert requests.delete(f"{admin}/backends/{ids[1]}", headers=AUTH,
+                               timeout=5).status_code == 200
+        assert upstreams(url) == {ids[0], ids[2]}
+        redis_proc.pop().stop(signal.SIGKILL)
+        redis_proc.append(spawn("redis2", server_command(redis_port), {}, tmp_path,
+                                [redis_port]))  # empty: no keys
+        wait_for(lambda: requests.get(f"{admin}/status", timeout=5).json()["mode"] == "shared",
+                 what="workers back on Redis")
+        # Not silently reset to the start-up list: the removed backend stays out.
+        assert upstreams(url) == {ids[0], ids[2]}
+        listed = requests.get(f"{admin}/backends", timeout=5).json()["backends"]
+        assert [m["id"] for m in listed] == [ids[0], ids[2]]
+        saved = json.loads((tmp_path / "lb-state" / "members-members-restart.json").read_text())
+        assert [m["id"] for m in saved["members"]] == [ids[0], ids[2]]
+    finally:
+        proc.stop()
+        for p in redis_proc:
+            p.stop()
+        for p, _ in echoes:
+            p.stop()
