@@ -5,6 +5,7 @@ gunicorn_conf.py), not in the workers, so it answers even when every worker
 thread is busy with traffic. It reads the shared state from Redis, like any
 worker would.
 
+    GET /         the dashboard: a live table of backends and charts (apps/dashboard.html)
     GET /status   strategy, Redis reachability, workers, the pool's latency average and
                   panic picks, and per backend: blocked or not, score, smoothed latency,
                   error rate, blocked turns, block end, why it was last blocked, counters
@@ -27,6 +28,7 @@ import hmac
 import logging
 import os
 import threading
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
@@ -74,6 +76,12 @@ def create_app(config: Mapping[str, Any] | None = None, *,
         marked = (int(p.name.removeprefix("degraded-"))
                   for p in Path(runtime_dir).glob("degraded-*"))
         return sorted(pid for pid in marked if pid in alive)
+
+    dashboard = resources.files("apps").joinpath("dashboard.html").read_bytes()
+
+    @app.get("/")
+    def show_dashboard() -> Response:
+        return Response(dashboard, mimetype="text/html")
 
     @app.get("/status")
     def status() -> Response:
