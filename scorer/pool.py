@@ -14,6 +14,7 @@ from importlib import resources
 from typing import Any, Callable, Mapping, Sequence
 
 import redis
+import redis.cluster
 
 from scorer import members as members_mod
 from scorer.members import DRAINING, Member, StateFile, parse_snapshot
@@ -76,12 +77,22 @@ def connect(settings: Settings) -> redis.Redis:
 
     redis-py retries commands by default; a retried EVALSHA whose reply was
     lost would run a non-idempotent script twice, so failures surface at once.
+    A `+cluster` URL gives a cluster client: every key of a pool shares one hash
+    tag, so each script runs on the one node that holds its slot.
     """
+    no_retry = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
+    scheme, _, rest = settings.redis_url.partition("://")
+    if scheme.endswith("+cluster"):
+        return redis.cluster.RedisCluster.from_url(
+            f"{scheme.removesuffix('+cluster')}://{rest}",
+            socket_timeout=settings.redis_timeout,
+            socket_connect_timeout=settings.redis_timeout,
+            retry=no_retry)
     return redis.Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
-        retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+        retry=no_retry,
         health_check_interval=0,
     )
 

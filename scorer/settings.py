@@ -159,9 +159,13 @@ def parse_pool_name(raw: str) -> str:
     return raw
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
 def parse_redis_url(raw: str) -> str:
-    if urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"{raw!r} must be a redis://, rediss:// or unix:// URL")
+    if urlsplit(raw).scheme not in REDIS_SCHEMES:
+        raise ValueError(f"{raw!r} must be a redis://, rediss://, unix://, redis+cluster:// or "
+                         "rediss+cluster:// URL")
     return raw
 
 
@@ -253,7 +257,8 @@ TABLE: tuple[Setting, ...] = (
             "Port of the bundled Redis server that `honcho start` runs when `REDIS_URL` is unset."),
     Setting("REDIS_URL", "", parse_redis_url, "URL",
             "Redis holding the shared state. Unset: the bundled server, "
-            "`redis://127.0.0.1:<LB_REDIS_PORT>/0`."),
+            "`redis://127.0.0.1:<LB_REDIS_PORT>/0`. `redis+cluster://host:port` (or "
+            "`rediss+cluster://`) selects Redis Cluster, any node as the entry point."),
     Setting("LB_REDIS_RETRY_S", "1", parse_seconds, "s",
             "While Redis is unreachable each worker serves from its own in-process state "
             "and checks Redis again this often."),

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import fakeredis
 import redis
+import redis.cluster
 from redis.commands.core import Script
 
 log = logging.getLogger("lb.store")
@@ -101,7 +102,10 @@ class Store:
         while not stop.wait(self._retry_s):
             if self._writable():
                 # Connections opened before an outage may be dead: start afresh.
-                self.redis.connection_pool.disconnect()
+                if isinstance(self.redis, redis.cluster.RedisCluster):
+                    self.redis.disconnect_connection_pools()
+                else:
+                    self.redis.connection_pool.disconnect()
                 log.warning("Redis is back: shared state again")
                 self._mark(False)
                 # The next outage starts from scratch, not from this one's leftovers.
