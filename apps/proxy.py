@@ -242,6 +242,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = ProxyFlask(__name__, static_folder=None)
     register_json_errors(app, source=SOURCE)
     _log_through_gunicorn()
+    if not settings.tls_verify:
+        log.warning("LB_TLS_VERIFY=0: https backends' certificates are NOT checked")
 
     # Gunicorn's master makes the runtime dir; degraded workers leave a marker there.
     pool = Pool(settings, marker_dir=os.environ.get("LB_RUNTIME_DIR"),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import http.client
 import threading
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import urllib3
@@ -144,6 +144,14 @@ class Upstreams:
         self._timeout = urllib3.Timeout(connect=settings.connect_timeout,
                                         read=settings.read_timeout)
         self._maxsize = maxsize
+        # For https:// backends: certificates and host names are checked unless
+        # LB_TLS_VERIFY=0, against LB_TLS_CA_FILE or the system's trust store.
+        self._tls: dict[str, Any] = {"cert_reqs": "CERT_REQUIRED" if settings.tls_verify
+                                     else "CERT_NONE"}
+        if settings.tls_ca_file:
+            self._tls["ca_certs"] = settings.tls_ca_file
+        if not settings.tls_verify:
+            self._tls["assert_hostname"] = False
         self._lock = threading.Lock()
         self._pools: dict[str, urllib3.HTTPConnectionPool] = {}
         for backend in settings.backends:
@@ -156,9 +164,10 @@ class Upstreams:
             with self._lock:
                 pool = self._pools.get(backend.id)
                 if pool is None:
+                    tls = self._tls if backend.scheme == "https" else {}
                     pool = urllib3.connection_from_url(
                         backend.url, maxsize=self._maxsize, block=False,
-                        timeout=self._timeout, retries=False)
+                        timeout=self._timeout, retries=False, **tls)
                     self._pools[backend.id] = pool
         return pool
 

@@ -80,21 +80,16 @@ def connect(settings: Settings) -> redis.Redis:
     A `+cluster` URL gives a cluster client: every key of a pool shares one hash
     tag, so each script runs on the one node that holds its slot.
     """
-    no_retry = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
     scheme, _, rest = settings.redis_url.partition("://")
+    options: dict[str, Any] = {"socket_timeout": settings.redis_timeout,
+                               "socket_connect_timeout": settings.redis_timeout,
+                               "retry": redis.retry.Retry(redis.backoff.NoBackoff(), 0)}
+    if scheme.startswith("rediss") and settings.redis_ca_file:
+        options["ssl_ca_certs"] = settings.redis_ca_file  # certificates are checked by default
     if scheme.endswith("+cluster"):
         return redis.cluster.RedisCluster.from_url(
-            f"{scheme.removesuffix('+cluster')}://{rest}",
-            socket_timeout=settings.redis_timeout,
-            socket_connect_timeout=settings.redis_timeout,
-            retry=no_retry)
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout,
-        socket_connect_timeout=settings.redis_timeout,
-        retry=no_retry,
-        health_check_interval=0,
-    )
+            f"{scheme.removesuffix('+cluster')}://{rest}", **options)
+    return redis.Redis.from_url(settings.redis_url, health_check_interval=0, **options)
 
 
 # What an admin reset clears: score, block and the decayed history behind them.

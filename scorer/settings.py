@@ -207,6 +207,11 @@ TABLE: tuple[Setting, ...] = (
     Setting("LB_ADMIN_TOKEN", "", str, "secret",
             "Bearer token for the admin endpoints that change state (`POST /backends/<id>/reset`). "
             "Unset: those endpoints are off."),
+    Setting("LB_TLS_CA_FILE", "", str, "path",
+            "CA bundle (PEM) trusted for `https://` backends; unset: the system's."),
+    Setting("LB_TLS_VERIFY", "1", parse_bool, "bool",
+            "Check `https://` backends' certificates and host names. Turning this off "
+            "is logged at start-up."),
     Setting("LB_CONNECT_TIMEOUT", "1.0", parse_seconds, "s",
             "Time allowed to open a connection to a backend; past it the client gets "
             "504 (a refused connection gets 502)."),
@@ -262,6 +267,9 @@ TABLE: tuple[Setting, ...] = (
     Setting("LB_REDIS_RETRY_S", "1", parse_seconds, "s",
             "While Redis is unreachable each worker serves from its own in-process state "
             "and checks Redis again this often."),
+    Setting("LB_REDIS_CA_FILE", "", str, "path",
+            "CA bundle (PEM) trusted for a `rediss://` Redis; unset: the system's. "
+            "Certificates are always checked."),
     Setting("LB_REDIS_TIMEOUT", "0.25", parse_seconds, "s",
             "Connect and command timeout for Redis. Scripts are never retried "
             "automatically: a retried script whose reply was lost would run twice."),
@@ -354,6 +362,8 @@ class Settings:
     port: int
     admin_host: str
     admin_port: int
+    tls_ca_file: str
+    tls_verify: bool
     connect_timeout: float
     read_timeout: float
     request_timeout: float
@@ -374,6 +384,7 @@ class Settings:
     redis_url: str
     redis_retry_s: float
     admin_token: str = field(repr=False)  # never printed with the settings
+    redis_ca_file: str
     redis_timeout: float
     score_min: float
     score_max: float
