@@ -15,11 +15,26 @@ from typing import Iterator
 from prometheus_client import (
     CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest,
 )
-from prometheus_client import multiprocess
+from prometheus_client import multiprocess, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY
 
 from scorer.pool import Pool
+
+# Multiprocess values ask for the pid on every increment, to notice a fork; a
+# system call each time, several per request. The pid is kept here instead and
+# refreshed in a forked child, which is the only time it changes.
+_pid = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_refresh_pid)
+if values.ValueClass is not values.MutexValue:  # multiprocess mode (under Gunicorn)
+    values.ValueClass = values.MultiProcessValue(process_identifier=lambda: _pid)
 
 ATTEMPTS = Counter("lb_upstream_attempts_total",
                    "Upstream attempts, by backend and result (status class or transport error).",

@@ -5,12 +5,18 @@ second copy of the rules in Python, the same Lua scripts then run on an
 in-process fakeredis server (with lupa): each worker keeps its own cursor and
 scores until Redis answers again. A background thread checks Redis every
 `retry_s` seconds, so no request waits on a dead Redis more than once.
+
+Scripts are run with EVALSHA on a connection each thread keeps for itself,
+not through redis-py's `Script` and connection pool, whose pool checkout, pid
+checks and retry wrapper showed up in the proxy's profile (README,
+"Performance"). On Redis Cluster the cluster client routes each call.
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,11 +24,16 @@ import fakeredis
 import redis
 import redis.cluster
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 log = logging.getLogger("lb.store")
 
 # Written to check that Redis accepts writes again after an outage.
 PROBE_KEY = "lb:probe"
+
+# Every store, so that a forked child drops the clients it inherited (a
+# socket shared by two processes mixes their replies).
+_STORES: "weakref.WeakSet[Store]" = weakref.WeakSet()
 
 
 class Store:
@@ -37,11 +48,16 @@ class Store:
         self._retry_s = retry_s
         self._marker_dir = marker_dir
         self._lock = threading.Lock()
-        self._pid = 0
         self._client: redis.Redis | None = None
         self._scripts: dict[str, Script] = {}
         self._local: redis.Redis | None = None
+        self._threads = threading.local()  # each thread's own connection
+        self._generation = 0  # bumped when Redis comes back: older connections are dropped
         self.degraded = False
+        _STORES.add(self)
+
+    def _after_fork(self) -> None:
+        self._client, self._threads, self._local, self.degraded = None, threading.local(), None, False
 
     @property
     def redis(self) -> redis.Redis:
@@ -50,13 +66,13 @@ class Store:
         Created lazily and again after a fork, so a client is never shared
         between Gunicorn's master and its workers, whatever `preload_app` says.
         """
-        if self._client is None or self._pid != os.getpid():
+        if self._client is None:
             with self._lock:
-                if self._client is None or self._pid != os.getpid():
+                if self._client is None:
                     client = self._factory()
                     self._scripts = {name: client.register_script(source)
                                      for name, source in self._sources.items()}
-                    self._client, self._pid = client, os.getpid()
+                    self._client = client
                     self._local, self.degraded = None, False
         return self._client
 
@@ -66,12 +82,41 @@ class Store:
         script = self._scripts[name]
         if not self.degraded:
             try:
-                return script(keys=keys, args=args, client=client)
+                if isinstance(client, redis.cluster.RedisCluster):
+                    return script(keys=keys, args=args, client=client)
+                return self._evalsha(client, script, keys, args)
             except redis.RedisError as exc:
                 if not self._degrade:
                     raise
                 self._enter_degraded(exc)
         return script(keys=keys, args=args, client=self._local_client())
+
+    def _evalsha(self, client: redis.Redis, script: Script, keys: Sequence[str],
+                 args: Sequence[Any]) -> Any:
+        """EVALSHA on this thread's own connection; the script is loaded if Redis lacks it."""
+        threads = self._threads
+        conn = getattr(threads, "conn", None)
+        if conn is None or threads.generation != self._generation:
+            if conn is not None:
+                conn.disconnect()
+            # Taken from the client's pool and never given back: the pool still
+            # closes it on disconnect(), and makes it with the client's options.
+            conn = threads.conn = client.connection_pool.get_connection()
+            threads.generation = self._generation
+        try:
+            try:
+                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return conn.read_response()
+            except NoScriptError:  # a restarted or flushed Redis
+                conn.send_command("SCRIPT", "LOAD", script.script)
+                conn.read_response()
+                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return conn.read_response()
+        except redis.ResponseError:
+            raise  # the script's own error: the connection is fine
+        except BaseException:
+            conn.disconnect()  # a reply may still be on its way: never read it as the next one
+            raise
 
     def ping(self) -> bool:
         """Whether Redis answers now."""
@@ -106,6 +151,7 @@ class Store:
                     self.redis.disconnect_connection_pools()
                 else:
                     self.redis.connection_pool.disconnect()
+                self._generation += 1
                 log.warning("Redis is back: shared state again")
                 self._mark(False)
                 # The next outage starts from scratch, not from this one's leftovers.
@@ -133,3 +179,11 @@ class Store:
                 marker.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("cannot update %s: %s", marker, exc)
+
+
+def _drop_inherited_clients() -> None:
+    for store in list(_STORES):
+        store._after_fork()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_clients)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 import pytest
@@ -75,3 +76,25 @@ def test_without_degrading_redis_errors_surface(own_redis):
     procs.pop().stop(signal.SIGKILL)
     with pytest.raises(redis.RedisError):
         pool.pick()
+
+
+def test_a_flushed_script_cache_is_loaded_again_without_degrading(any_redis):
+    # A Redis restarted with its data (or SCRIPT FLUSH) has the keys but not the scripts.
+    pool = Pool(load_settings(environ={"LB_POOL": "flush"}), redis_factory=lambda: any_redis)
+    assert pool.pick().port == 9001
+    any_redis.script_flush()
+    assert [pool.pick().port for _ in range(2)] == [9002, 9003]
+    assert not pool.store.degraded
+
+
+def test_a_forked_child_does_not_share_its_parents_connection(real_redis):
+    pool = Pool(load_settings(environ={"LB_POOL": "fork"}), redis_factory=lambda: real_redis)
+    assert pool.pick().port == 9001
+    child = os.fork()
+    if child == 0:  # the child: a fresh connection of its own, then two picks
+        ok = getattr(pool.store._threads, "conn", None) is None and \
+            [pool.pick().port for _ in range(2)] == [9002, 9003]
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert pool.pick().port == 9001  # the parent's connection still reads its own replies
