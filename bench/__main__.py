@@ -5,6 +5,7 @@
     tune          search the scorer's settings on the simulator (bench/tune.py)
     faults        time-varying backends, live, against the health-check targets (bench/faults.py)
     clients       CPU cost per request of requests.Session vs urllib3 (bench/clients.py)
+    overhead      the balancer's cost per request against Flask, direct and nginx (bench/overhead.py)
 
 `python -m bench <command> --help` lists each command's options.
 """
@@ -15,7 +16,8 @@ import importlib
 import sys
 
 COMMANDS = {"matrix": "bench.matrix", "tune": "bench.tune", "faults": "bench.faults",
-            "clients": "bench.clients"}
+            "clients": "bench.clients",
+            "overhead": "bench.overhead"}
 
 
 def main(argv: list[str] | None = None) -> int:

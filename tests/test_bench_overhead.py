@@ -1,0 +1,93 @@
+"""The overhead benchmark (bench/overhead.py): its pieces offline, then one short real run."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench.overhead import Row, Sample, group_cpu_s, layer_of, ratios
+from tests.support import ROOT
+
+needs_cc = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")),
+                              reason="the zero-latency backend needs a C compiler")
+
+
+def sample(rps: float, cpu: float, p50_c1: float = 0.5) -> Sample:
+    return Sample(rps=rps, p50_ms=1.0, p99_ms=2.0, p50_c1_ms=p50_c1, cpu_ms_per_req=cpu,
+                  sys_share=0.3, redis_ms_per_req=None, requests=100, errors=0, non_2xx=0)
+
+
+def rows(**samples: list[Sample]) -> dict[str, Row]:
+    return {name: Row(name, "http://x/", [], samples=list(s)) for name, s in samples.items()}
+
+
+def test_ratios_use_medians_and_judge_each_target():
+    found = {what: (value, met) for what, value, _, met in ratios(rows(
+        ceiling=[sample(9000, 0.20), sample(8000, 0.10), sample(9500, 0.18)],  # median 0.18
+        scored=[sample(2000, 0.40, 0.9)],
+        round_robin=[sample(2500, 0.35)],
+        direct=[sample(90000, 0.01, 0.1)],
+        **{"scored-wide": [sample(1900, 0.41)]}))}
+    value, met = found["CPU/request, scored / ceiling"]
+    assert value == pytest.approx(0.40 / 0.18) and not met  # 2.2 > 2
+    value, met = found["throughput, scored / round_robin"]
+    assert value == pytest.approx(0.8) and not met
+    value, met = found["added p50 at concurrency 1, ms (scored - direct)"]
+    assert value == pytest.approx(0.8) and met
+    value, met = found["throughput, scored-wide / scored"]
+    assert value == pytest.approx(0.95) and met
+    assert found["client headroom, direct / scored throughput"] == (45, True)
+
+
+def test_ratios_skip_comparisons_whose_rows_did_not_run():
+    found = [what for what, *_ in ratios(rows(scored=[sample(2000, 0.4)]))]
+    assert found == []
+
+
+def test_profile_samples_go_to_the_innermost_known_layer():
+    stack = ("Thread.run (threading.py:982);ThreadWorker.handle (gunicorn/workers/gthread.py:553);"
+             "Flask.wsgi_app (flask/app.py:1511);Forwarder.attempt (apps/proxy.py:150);"
+             "Upstreams.send (apps/upstream.py:190);SocketIO.readinto (socket.py:706)")
+    assert layer_of(stack) == "upstream HTTP (urllib3, http.client)"
+    assert layer_of(stack.rsplit(";", 2)[0]) == "balancer's own code (apps/)"
+    assert layer_of("Thread.run (threading.py:982)") == "other"
+
+
+def test_group_cpu_counts_a_busy_process_group():
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+    try:
+        time.sleep(0.5)
+        user, system = group_cpu_s(busy.pid)
+        assert user + system > 0.1
+        assert group_cpu_s(os.getpgid(0)) != (user, system)  # another group, other figures
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+@needs_cc
+def test_a_short_run_measures_every_row_and_saves_its_report(tmp_path):
+    before = set((ROOT / "bench" / "results").glob("overhead-*.json"))
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "overhead", "--rounds", "1", "--duration", "1",
+         "--c1-duration", "1", "--client", "loadgen", "--only", "ceiling,direct,scored",
+         "--wide", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "client: loadgen" in out
+    for row in ("ceiling", "direct", "scored"):
+        assert f"\n{row} " in out
+    assert "CPU/request, scored / ceiling" in out and "upstream request and answer" in out
+    saved = set((ROOT / "bench" / "results").glob("overhead-*.json")) - before
+    assert len(saved) == 1
+    report = json.loads(saved.pop().read_text())
+    scored = report["rows"]["scored"][0]
+    assert scored["requests"] > 0 and scored["errors"] == 0 and scored["non_2xx"] == 0
+    assert scored["cpu_ms_per_req"] > 0 and scored["redis_ms_per_req"] > 0
+    assert report["rows"]["ceiling"][0]["cpu_ms_per_req"] > 0
