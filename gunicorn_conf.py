@@ -7,6 +7,7 @@ ranks above this file.
 """
 import os
 import shutil
+import socket
 import sys
 import tempfile
 
@@ -16,17 +17,34 @@ _env = os.environ.get
 # with PORT set (honcho sets it) and no bind, Gunicorn would listen on 0.0.0.0.
 bind = [f"{_env('LB_HOST', '127.0.0.1')}:{_env('LB_PORT', '8000')}"]
 
-# Threaded workers: the proxy spends its time waiting on backends, and gthread
-# keeps client connections alive (sync workers close every connection).
+# Worker class: gthread. A proxy mostly waits (on the backend, on Redis) with
+# the GIL released, so threads cover the waiting at little cost, and gthread
+# keeps client connections alive where sync workers close each one after a
+# single request. gevent would use less CPU per request (about a fifth less in
+# one `python -m bench overhead` run) but needs Redis connections and upstream
+# pools sized per greenlet rather than per thread; see README "Performance".
 worker_class = "gthread"
 
-# Processes, each with its own GIL. On 2 cores, 2 workers use both cores
-# while the threads below cover the waiting. Range 1..4 x cores.
+# Processes, each with its own GIL: one per core. On 2 cores, 3 or 4 workers
+# gave no more throughput than 2 with zero-latency backends (more processes
+# contend for the same two cores and each holds its own pools). Range 1..4 x cores.
 workers = int(_env("GUNICORN_WORKERS", "2"))
 
-# Threads per worker: requests waiting on a backend at once, per process.
-# Also the size of each worker's keep-alive pool per backend.
+# Threads per worker: requests under way at once, per process, and the size of
+# each worker's keep-alive pool per backend. workers x threads bounds
+# throughput at (workers x threads) / backend latency: 32 / 20 ms = 1,600 req/s,
+# so raise it for slow backends. 8 and 16 cost the same CPU per request within
+# the benchmark's noise; 16 leaves room for slow backends.
 threads = int(_env("GUNICORN_THREADS", "16"))
+
+# Each worker listens on its own socket (SO_REUSEPORT) and the kernel spreads
+# new connections over them. With one shared socket, whichever worker wakes
+# first accepts: a burst of keep-alive clients (a load test, a pool of
+# upstream proxies) can land all on one worker, which then runs one core flat
+# out while the other idles, at half the throughput (bench/overhead.py saw it
+# in about a third of its runs). Each worker binds on its own, so on_starting
+# checks first that the address is free and stops with one clear line if not.
+reuse_port = True
 
 # Seconds an idle client connection is kept open. Behind a balancer, keep the
 # backend's keep-alive longer than the balancer's own to avoid reuse races.
@@ -62,9 +80,32 @@ def _is_balancer(server):
     return getattr(server.app, "app_uri", "").startswith("apps.proxy")
 
 
+def _bind_error(address) -> str | None:
+    """Why a TCP address cannot be listened on, or None. Probed without
+    SO_REUSEPORT, so a process already listening there is found even if it
+    set SO_REUSEPORT itself (a stale worker would otherwise share the traffic)."""
+    if not isinstance(address, tuple):
+        return None  # a Unix socket: Gunicorn handles it
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
+        try:
+            probe.bind(address[:2])
+        except OSError as exc:
+            return exc.strerror
+    return None
+
+
 def on_starting(server):
-    """Validate the balancer's settings once, before anything binds, and make the
-    runtime dir in which workers leave state for the admin listener to read."""
+    """Check the listening addresses; for the balancer, validate its settings once,
+    before anything binds, and make the runtime dir in which workers leave state
+    for the admin listener to read."""
+    for address in server.cfg.address:
+        error = _bind_error(address)
+        if error:
+            print(f"lb: cannot listen on {address[0]}:{address[1]}: {error}", file=sys.stderr,
+                  flush=True)
+            sys.exit(2)
     if not _is_balancer(server):
         return
     from scorer.settings import SettingsError, load_settings
@@ -89,6 +130,10 @@ def on_exit(server):
 
 def when_ready(server):
     """Start the balancer's admin listener in the master, beside the traffic workers."""
+    # With reuse_port the master holds no socket, so Gunicorn's "Listening at" is empty.
+    server.log.info("workers listen on %s (a socket each: SO_REUSEPORT)",
+                    ", ".join(f"{a[0]}:{a[1]}" if isinstance(a, tuple) else str(a)
+                              for a in server.cfg.address))
     if not _is_balancer(server):
         return
     from apps.admin import start_admin_server

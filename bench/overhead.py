@@ -39,7 +39,9 @@ from typing import Callable
 from flask import Flask
 
 from bench import loadgen, zero
-from bench.stack import ROOT, Proc, free_port, gunicorn, spawn, start_balancer, start_redis
+from bench.stack import (
+    ROOT, Proc, free_port, gunicorn, listeners, spawn, start_balancer, start_redis, wait_for,
+)
 
 RESULTS = ROOT / "bench" / "results"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -53,12 +55,12 @@ GENERATOR_HEADROOM = 3.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, default=8.0,
-                        help="seconds of load per row and round (default 8)")
-    parser.add_argument("--c1-duration", type=float, default=4.0,
-                        help="seconds at concurrency 1 per row and round (default 4)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds over all rows; medians are reported (default 3)")
+    parser.add_argument("--duration", type=float, default=6.0,
+                        help="seconds of load per row and round (default 6)")
+    parser.add_argument("--c1-duration", type=float, default=3.0,
+                        help="seconds at concurrency 1 per row and round (default 3)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds over all rows; medians are reported (default 5)")
     parser.add_argument("--connections", type=int, default=32,
                         help="concurrent keep-alive connections (default 32)")
     parser.add_argument("--backends", type=int, default=3, help="backends of the main rows")
@@ -240,6 +242,7 @@ def start_rows(args: argparse.Namespace, run_dir: Path, redis_url: str,
                      {"GUNICORN_WORKERS": str(workers), "GUNICORN_THREADS": str(threads)},
                      run_dir, [port])
         keep(proc)
+        wait_for(lambda: listeners(port) >= workers, what="every ceiling worker listening")
         rows.append(Row("ceiling", f"http://127.0.0.1:{port}/", [proc]))
     if want("direct"):
         rows.append(Row("direct", f"{urls[0]}/", [backends]))
@@ -431,13 +434,14 @@ def report(rows: list[Row], client: str, args: argparse.Namespace, workers: int,
     print(f"\nclient: {client}; {args.connections} connections, {args.duration:g} s per row "
           f"and round, median of {args.rounds} round(s); Gunicorn: {workers} workers x "
           f"{threads} threads; {os.cpu_count()} CPUs")
-    header = (f"{'row':<12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50@c1 ms':>10} "
+    header = (f"{'row':<12} {'req/s':>8} {'req/s range':>15} {'p50 ms':>8} {'p99 ms':>8} {'p50@c1 ms':>10} "
               f"{'CPU ms/req':>11} {'kernel':>7} {'Redis ms/req':>13} {'errors':>7}")
     print(header)
     print("-" * len(header))
     for row in rows:
         errors = sum(s.errors + s.non_2xx for s in row.samples)
-        print(f"{row.name:<12} {row.median('rps'):>8.0f} {_fmt(row.median('p50_ms')):>8} "
+        spread = f"{min(s.rps for s in row.samples):.0f}-{max(s.rps for s in row.samples):.0f}"
+        print(f"{row.name:<12} {row.median('rps'):>8.0f} {spread:>15} {_fmt(row.median('p50_ms')):>8} "
               f"{_fmt(row.median('p99_ms')):>8} {_fmt(row.median('p50_c1_ms')):>10} "
               f"{_fmt(row.median('cpu_ms_per_req')):>11} {row.median('sys_share'):>7.0%} "
               f"{_fmt(row.median('redis_ms_per_req')):>13} {errors:>7}")
@@ -475,8 +479,8 @@ def run(args: argparse.Namespace) -> int:
                                  redis_proc.popen.pid)
                 row.samples.append(sample)
                 print(f"  round {round_no} {row.name:<12} {sample.rps:8.0f} req/s  "
-                      f"{sample.cpu_ms_per_req:.3f} CPU ms/req  p50@c1 "
-                      f"{sample.p50_c1_ms:.3f} ms", flush=True)
+                      f"{sample.cpu_ms_per_req:.3f} CPU ms/req ({sample.sys_share:.0%} kernel)  "
+                      f"p50@c1 {sample.p50_c1_ms:.3f} ms", flush=True)
         summary = report(rows, client, args, workers, threads)
         parts = breakdown(urls, redis_url)
         print("\nwhere a request's CPU goes, one part at a time (this process, one thread):")

@@ -43,6 +43,22 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
         time.sleep(0.05)
 
 
+def listeners(port: int) -> int:
+    """Sockets listening on a local TCP port: one per Gunicorn worker (SO_REUSEPORT)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as rows:
+                lines = rows.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                count += 1
+    return count
+
+
 @dataclass
 class Proc:
     """A process started by a test, with its output captured to a file."""
@@ -125,4 +141,10 @@ def start_balancer(backends: list[str], redis_url: str, log_dir: Path, *,
                 "GUNICORN_THREADS": str(threads), **(env or {})}
     argv = [str(BIN / "gunicorn"), "-c", "gunicorn_conf.py", "apps.proxy:create_app()"]
     proc = spawn(name, argv, settings, log_dir, [port, admin_port])
+    try:  # the first worker to listen opens the port; wait for all of them
+        wait_for(lambda: listeners(port) >= workers or proc.popen.poll() is not None,
+                 what=f"{workers} workers of {name} listening")
+    except BaseException:
+        proc.stop()
+        raise
     return proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"

@@ -51,9 +51,12 @@ def cluster(tmp_path_factory):
         subprocess.run([str(cli), "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
                         "--cluster-replicas", "0", "--cluster-yes"], check=True,
                        capture_output=True, timeout=60)
-        client = redis.Redis(port=ports[0])
-        wait_for(lambda: client.execute_command("CLUSTER INFO").get("cluster_state") == "ok",
-                 timeout=30, what="cluster_state:ok")
+        # Every node must agree, not just the first: a node still learning the
+        # others' slots answers CLUSTERDOWN for the keys it holds.
+        clients = [redis.Redis(port=port) for port in ports]
+        wait_for(lambda: all(c.execute_command("CLUSTER INFO").get("cluster_state") == "ok"
+                             for c in clients),
+                 timeout=30, what="cluster_state:ok on every node")
         yield f"redis+cluster://127.0.0.1:{ports[0]}"
     finally:
         for node in nodes:

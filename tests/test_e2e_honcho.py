@@ -49,8 +49,10 @@ class Honcho:
             self.popen = subprocess.Popen([str(BIN / "honcho"), "start", *types], cwd=ROOT,
                                           env=full_env, stdout=out, stderr=subprocess.STDOUT,
                                           start_new_session=True)
-        wait_for(lambda: port_open(self.admin_port) or self.popen.poll() is not None,
-                 timeout=30, what="the balancer's admin port")
+        # The admin port opens in the master, the traffic port once a worker listens.
+        wait_for(lambda: (port_open(self.admin_port) and port_open(self.port))
+                 or self.popen.poll() is not None,
+                 timeout=30, what="the balancer's admin and traffic ports")
         assert self.popen.poll() is None, self.output()
 
     def output(self) -> str:
