@@ -280,6 +280,7 @@ def cpu_per_call_ms(call: Callable[[], object], calls: int) -> float:
 def breakdown(backend_urls: list[str], redis_url: str, calls: int = 2000) -> list[tuple[str, float]]:
     """The CPU of a request's parts, one at a time, in this process with one thread:
     the upstream request, each Redis script, and the floor of any socket round trip."""
+    import http.client
     import socket
 
     import urllib3
@@ -299,6 +300,12 @@ def breakdown(backend_urls: list[str], redis_url: str, calls: int = 2000) -> lis
     def upstream() -> None:
         read_capped(upstreams.send(backend, "GET", "/", headers, None, timeout), 65536)
 
+    bare = http.client.HTTPConnection(backend.host, backend.port)
+
+    def bare_request() -> None:
+        bare.request("GET", "/", headers=headers)
+        bare.getresponse().read()
+
     with socket.create_connection((backend.host, backend.port)) as sock:
         request = f"GET / HTTP/1.1\r\nHost: {backend.id}\r\n\r\n".encode()
 
@@ -308,11 +315,13 @@ def breakdown(backend_urls: list[str], redis_url: str, calls: int = 2000) -> lis
 
         floor = cpu_per_call_ms(round_trip, calls)
     parts = [("upstream request and answer (urllib3)", cpu_per_call_ms(upstream, calls)),
+             ("  the same on bare http.client, for scale", cpu_per_call_ms(bare_request, calls)),
              ("Redis pick (pick.lua, client side)", cpu_per_call_ms(pool.pick, calls)),
              ("Redis report (report.lua, client side)",
               cpu_per_call_ms(lambda: pool.report(Outcome(backend, 0.001, status=200)), calls)),
              ("floor: one raw socket send + receive", floor)]
     pool.forget()
+    bare.close()
     return parts
 
 
