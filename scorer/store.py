@@ -36,6 +36,22 @@ PROBE_KEY = "lb:probe"
 _STORES: "weakref.WeakSet[Store]" = weakref.WeakSet()
 
 
+class _Lease:
+    """A connection one thread keeps from a client's pool, given back when the
+    thread ends (its thread-local values are dropped then): short-lived threads,
+    such as the admin listener's, must not leave a connection each behind."""
+
+    def __init__(self, pool: redis.ConnectionPool, generation: int) -> None:
+        self.pool, self.generation = pool, generation
+        self.conn = pool.get_connection()
+
+    def __del__(self) -> None:
+        try:
+            self.pool.release(self.conn)
+        except Exception:  # at interpreter exit the pool may be half gone
+            pass
+
+
 class Store:
     """Runs named Lua scripts on Redis, falling back to in-process state when allowed."""
 
@@ -51,7 +67,7 @@ class Store:
         self._client: redis.Redis | None = None
         self._scripts: dict[str, Script] = {}
         self._local: redis.Redis | None = None
-        self._threads = threading.local()  # each thread's own connection
+        self._threads = threading.local()  # each thread's _Lease
         self._generation = 0  # bumped when Redis comes back: older connections are dropped
         self.degraded = False
         _STORES.add(self)
@@ -94,15 +110,12 @@ class Store:
     def _evalsha(self, client: redis.Redis, script: Script, keys: Sequence[str],
                  args: Sequence[Any]) -> Any:
         """EVALSHA on this thread's own connection; the script is loaded if Redis lacks it."""
-        threads = self._threads
-        conn = getattr(threads, "conn", None)
-        if conn is None or threads.generation != self._generation:
-            if conn is not None:
-                conn.disconnect()
-            # Taken from the client's pool and never given back: the pool still
-            # closes it on disconnect(), and makes it with the client's options.
-            conn = threads.conn = client.connection_pool.get_connection()
-            threads.generation = self._generation
+        lease = getattr(self._threads, "lease", None)
+        if lease is None or lease.generation != self._generation:
+            if lease is not None:
+                lease.conn.disconnect()  # opened before an outage: may be dead
+            lease = self._threads.lease = _Lease(client.connection_pool, self._generation)
+        conn = lease.conn
         try:
             try:
                 conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)

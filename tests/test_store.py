@@ -92,9 +92,23 @@ def test_a_forked_child_does_not_share_its_parents_connection(real_redis):
     assert pool.pick().port == 9001
     child = os.fork()
     if child == 0:  # the child: a fresh connection of its own, then two picks
-        ok = getattr(pool.store._threads, "conn", None) is None and \
+        ok = getattr(pool.store._threads, "lease", None) is None and \
             [pool.pick().port for _ in range(2)] == [9002, 9003]
         os._exit(0 if ok else 1)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert pool.pick().port == 9001  # the parent's connection still reads its own replies
+
+
+def test_short_lived_threads_give_their_connections_back(real_redis):
+    # The admin listener answers each request on a new thread.
+    import threading
+
+    pool = Pool(load_settings(environ={"LB_POOL": "threads"}), redis_factory=lambda: real_redis)
+    pool.pick()
+    before = len(real_redis.client_list())
+    for _ in range(30):
+        thread = threading.Thread(target=pool.pick)
+        thread.start()
+        thread.join()
+    assert len(real_redis.client_list()) <= before + 1
