@@ -135,6 +135,8 @@ class Sample:
 
 @dataclass
 class Row:
+    """One server under test: where to send load, whose CPU to count, what it measured."""
+
     name: str
     url: str
     procs: list[Proc]
@@ -147,6 +149,7 @@ class Row:
 
 
 def drive(client: str) -> Callable[[str, int, float], loadgen.LoadResult]:
+    """The load function for a client: (url, connections, seconds) -> LoadResult."""
     if client == "wrk":
         return lambda url, c, d: loadgen.run_wrk(url, c, d)
     return lambda url, c, d: loadgen.run(url, c, d, warmup_s=0)

@@ -27,7 +27,10 @@ def test_two_balancers_of_two_workers_share_one_cursor_and_one_set_of_scores(red
                                    balancers))
         results = halves[0] + halves[1]
         assert all(r.status == 200 and r.body_ok for r in results)
-        assert set(Counter(r.upstream for r in results).values()) == {100}
+        shares = Counter(r.upstream for r in results)
+        # On failure, the balancers' logs say whether a block (or Redis) was behind it.
+        assert set(shares.values()) == {100}, (shares, [p.output()[-3000:]
+                                                        for p, _, _ in balancers])
     finally:
         for proc, _, _ in balancers:
             proc.stop()
