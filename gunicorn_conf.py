@@ -20,9 +20,9 @@ bind = [f"{_env('LB_HOST', '127.0.0.1')}:{_env('LB_PORT', '8000')}"]
 # Worker class: gthread. A proxy mostly waits (on the backend, on Redis) with
 # the GIL released, so threads cover the waiting at little cost, and gthread
 # keeps client connections alive where sync workers close each one after a
-# single request. gevent would use less CPU per request (about a fifth less in
-# one `python -m bench overhead` run) but needs Redis connections and upstream
-# pools sized per greenlet rather than per thread; see README "Performance".
+# single request. gevent used about a fifth less CPU per request in a trial
+# run (and so did the Flask ceiling under it) but needs Redis connections and
+# upstream pools per greenlet rather than per thread; README "Performance".
 worker_class = "gthread"
 
 # Processes, each with its own GIL: one per core. On 2 cores, 3 or 4 workers
