@@ -11,28 +11,12 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
+
+from tests.support import SocketServer
 
 
-class RawBackend:
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
+class RawBackend(SocketServer):
+    def handle(self, conn: socket.socket) -> None:
         with conn:
             reader = conn.makefile("rb")
             while True:  # keep-alive: one request after another

@@ -1,6 +1,7 @@
 """Helpers for the tests: the process launchers of bench/stack.py, plus a load generator."""
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -9,6 +10,32 @@ from bench.stack import (  # noqa: F401  (re-exported for the tests)
     BIN, ROOT, Proc, free_port, gunicorn, port_open, spawn, start_balancer, start_echo,
     start_redis, wait_for,
 )
+
+
+class SocketServer:
+    """A test server on a free local port: `handle` gets each connection on a
+    thread of its own. Subclasses set their state before calling __init__, which
+    starts accepting."""
+
+    def __init__(self, backlog: int = 64) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=backlog)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
 
 def connections_to(port: int) -> int:

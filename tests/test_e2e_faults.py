@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +11,8 @@ import requests
 
 from scorer.redis_server import server_command
 from tests.support import (
-    connections_to, fire, free_port, gunicorn, spawn, start_balancer, start_echo, wait_for,
+    SocketServer, connections_to, fire, free_port, gunicorn, spawn, start_balancer, start_echo,
+    wait_for,
 )
 
 pytestmark = pytest.mark.e2e
@@ -126,25 +126,18 @@ def test_a_hanging_redis_does_not_stall_requests(echoes, own_redis, tmp_path):
         proc.stop()
 
 
-class HangingServer:
+class HangingServer(SocketServer):
     """Accepts connections and never answers: a hung backend."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(backlog=128)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.held.append(conn)
+    def handle(self, conn: socket.socket) -> None:
+        self.held.append(conn)
 
     def close(self) -> None:
-        self.sock.close()
+        super().close()
         for conn in self.held:
             conn.close()
 

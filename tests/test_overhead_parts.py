@@ -11,7 +11,7 @@ import time
 import pytest
 
 from bench import loadgen, zero
-from tests.support import free_port
+from tests.support import SocketServer, free_port
 
 OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n"
 OK = OK_HEAD + b'{"ok":true}'
@@ -148,27 +148,18 @@ def test_building_without_a_compiler_says_so(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the load generator
 
-class RotatingServer:
+class RotatingServer(SocketServer):
     """A threaded Python server that counts requests, answering them in turn with:
     103 then 200 with a length, 200 chunked, 404, and 200 delimited by a close."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/path?q=1"
         self.lock = threading.Lock()
         self.requests, self.not_found, self.bodies, self.targets = 0, 0, set(), set()
         self.arrivals: list[float] = []      # time.time() of each request
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
+        self.url += "/path?q=1"
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         try:
             self._answer(conn)
         except OSError:
@@ -201,9 +192,6 @@ class RotatingServer:
                 else:
                     conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
                     return
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_loadgen_against_the_zero_backend(zero_ports):

@@ -10,28 +10,17 @@ import socket
 import ssl
 import threading
 
+from tests.support import SocketServer
 
-class TLSRelay:
+
+class TLSRelay(SocketServer):
     def __init__(self, target_port: int, certfile: str, keyfile: str) -> None:
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.load_cert_chain(certfile, keyfile)
         self.target_port = target_port
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def close(self) -> None:
-        self.sock.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                raw, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
-
-    def _serve(self, raw: socket.socket) -> None:
+    def handle(self, raw: socket.socket) -> None:
         try:
             client = self.context.wrap_socket(raw, server_side=True)
         except (ssl.SSLError, OSError):
