@@ -43,9 +43,13 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
         time.sleep(0.05)
 
 
-def listeners(port: int) -> int:
-    """Sockets listening on a local TCP port: one per Gunicorn worker (SO_REUSEPORT)."""
-    count = 0
+# Socket states in /proc/net/tcp.
+ESTABLISHED, LISTEN = "01", "0A"
+
+
+def tcp_sockets(port: int, state: str) -> set[str]:
+    """Inodes of the TCP sockets whose local port is `port`, in `state` (from /proc/net)."""
+    inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as rows:
@@ -54,9 +58,14 @@ def listeners(port: int) -> int:
             continue
         for line in lines:
             fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
-                count += 1
-    return count
+            if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def listeners(port: int) -> int:
+    """Sockets listening on a local TCP port: one per Gunicorn worker (SO_REUSEPORT)."""
+    return len(tcp_sockets(port, LISTEN))
 
 
 @dataclass

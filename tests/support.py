@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass
 
 from bench.stack import (  # noqa: F401  (re-exported for the tests)
-    BIN, ROOT, Proc, free_port, gunicorn, port_open, spawn, start_balancer, start_echo,
-    start_redis, wait_for,
+    BIN, ESTABLISHED, ROOT, Proc, free_port, gunicorn, port_open, spawn, start_balancer,
+    start_echo, start_redis, tcp_sockets, wait_for,
 )
 
 
@@ -39,11 +39,8 @@ class SocketServer:
 
 
 def connections_to(port: int) -> int:
-    """Established TCP connections whose server side is `port` (from /proc/net/tcp)."""
-    with open("/proc/net/tcp") as table:
-        rows = [line.split() for line in table.readlines()[1:]]
-    return sum(1 for row in rows if row[1].endswith(f":{port:04X}") and row[3] == "01")
-
+    """Established TCP connections whose server side is `port`."""
+    return len(tcp_sockets(port, ESTABLISHED))
 
 
 @dataclass

@@ -7,7 +7,9 @@ import subprocess
 
 import pytest
 
-from tests.support import BIN, ROOT, free_port, start_balancer, start_echo
+from tests.support import (
+    BIN, ESTABLISHED, ROOT, free_port, start_balancer, start_echo, tcp_sockets,
+)
 
 
 def gunicorn_on(port: int) -> subprocess.CompletedProcess:
@@ -47,13 +49,6 @@ def worker_pids(master: int) -> list[int]:
     return pids
 
 
-def server_sockets(port: int) -> set[str]:
-    """Inodes of the server side of established connections to `port`."""
-    with open("/proc/net/tcp") as table:
-        rows = [line.split() for line in table.readlines()[1:]]
-    return {row[9] for row in rows if row[1].endswith(f":{port:04X}") and row[3] == "01"}
-
-
 def sockets_of(pid: int) -> set[str]:
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -83,7 +78,7 @@ def test_a_burst_of_keepalive_clients_spreads_over_the_workers(redis_server, tmp
             client.sendall(b"GET /spread HTTP/1.1\r\nHost: x\r\n\r\n")
         for client in clients:
             assert client.recv(65536).startswith(b"HTTP/1.1 ")
-        accepted = server_sockets(port)
+        accepted = tcp_sockets(port, ESTABLISHED)
         per_worker = sorted(len(sockets_of(pid) & accepted)
                             for pid in worker_pids(proc.popen.pid))
     finally:
