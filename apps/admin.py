@@ -68,6 +68,10 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     app.json.sort_keys = False
     register_json_errors(app, source="admin")
 
+    @app.errorhandler(redis.RedisError)
+    def redis_away(exc: redis.RedisError) -> Response:
+        return json_error(503, f"Redis unavailable: {exc}", source="admin")
+
     def degraded_workers() -> list[int]:
         """Workers serving from their own state because Redis failed them."""
         if not runtime_dir or workers is None:
@@ -104,11 +108,8 @@ def create_app(config: Mapping[str, Any] | None = None, *,
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        try:
-            return Response(metrics.render(pool), mimetype=None,
-                            headers={"Content-Type": metrics.CONTENT_TYPE})
-        except redis.RedisError as exc:
-            return json_error(503, f"Redis unavailable: {exc}", source="admin")
+        return Response(metrics.render(pool), mimetype=None,
+                        headers={"Content-Type": metrics.CONTENT_TYPE})
 
     @app.get("/ready")
     def ready() -> tuple[Response, int]:
@@ -119,14 +120,9 @@ def create_app(config: Mapping[str, Any] | None = None, *,
         return jsonify(ready=True, degraded=bool(notes), reasons=notes), 200
 
     def changing(action: Callable[[], Response]) -> Response:
-        """Run a state change: the token first, then Redis (503 when it is away)."""
+        """Run a state change once the token checks out (503 from Redis if it is away)."""
         denied = check_token(settings.admin_token, request.headers.get("Authorization", ""))
-        if denied:
-            return denied
-        try:
-            return action()
-        except redis.RedisError as exc:
-            return json_error(503, f"Redis unavailable: {exc}", source="admin")
+        return denied or action()
 
     def known(backend_id: str) -> Member:
         pool.sync()
@@ -140,10 +136,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
 
     @app.get("/backends")
     def list_backends() -> tuple[Response, int]:
-        try:
-            pool.sync()
-        except redis.RedisError as exc:
-            return json_error(503, f"Redis unavailable: {exc}", source="admin"), 503
+        pool.sync()
         return members_reply()
 
     @app.post("/backends")

@@ -149,3 +149,20 @@ def test_bad_membership_changes_get_a_clear_4xx(method, path, body, status):
     client, _ = make_admin()
     response = client.open(path, method=method, json=body, headers=AUTH)
     assert response.status_code == status and response.is_json
+
+
+def test_every_endpoint_that_needs_redis_answers_503_while_it_is_away():
+    config = {"LB_ADMIN_TOKEN": TOKEN, "REDIS_URL": "redis://127.0.0.1:1/0",
+              "LB_REDIS_TIMEOUT": "0.2"}
+    client = create_app(config, workers=lambda: [101]).test_client()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    backend = load_settings(environ={}, overrides=config).backends[0].id
+    answers = [client.get("/metrics"), client.get("/backends"),
+               client.post(f"/backends/{backend}/drain", headers=auth),
+               client.post("/backends", json={"url": "http://127.0.0.1:9009"}, headers=auth)]
+    for response in answers:
+        assert response.status_code == 503, response.get_data(as_text=True)
+        assert response.get_json()["error"].startswith("Redis unavailable")
+    assert client.get("/status").get_json()["redis"]["reachable"] is False
+    # The token is still checked first.
+    assert client.post(f"/backends/{backend}/drain").status_code == 401
