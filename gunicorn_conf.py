@@ -162,6 +162,14 @@ def child_exit(server, worker):
             pass
 
 
+def worker_exit(server, worker):
+    # Stop the health checker before the interpreter shuts down its executors:
+    # a round started after that would fail with a traceback on every exit.
+    checker = getattr(worker.wsgi, "extensions", {}).get("lb.health")
+    if checker is not None:
+        checker.stop()
+
+
 def post_worker_init(worker):
     # The echo app's `dead` profile needs the worker, to close its port later.
     hook = getattr(worker.wsgi, "extensions", {}).get("echo.on_worker_init")

@@ -60,7 +60,9 @@ class HealthChecker:
         threading.Thread(target=self._loop, name="lb-health", daemon=True).start()
 
     def stop(self) -> None:
+        """End the loop after the round under way (Gunicorn's worker_exit calls this)."""
         self._stop.set()
+        self._probes.shutdown(wait=False, cancel_futures=True)
 
     def _loop(self) -> None:
         interval = self.settings.check_interval_s
@@ -69,6 +71,8 @@ class HealthChecker:
             try:
                 self.run_once()
             except Exception:  # a checker must outlive any one bad round
+                if self._stop.is_set():
+                    return  # stopped mid-round: its executor refuses work, nothing is wrong
                 log.exception("health check round failed")
             self._stop.wait(max(0.0, interval - (self.clock() - started)))
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 
 import fakeredis
 import pytest
@@ -118,3 +119,24 @@ def test_the_checker_thread_runs_rounds_until_stopped(targets):
         wait_for(lambda: len(targets[0].seen) >= 3, timeout=5, what="three rounds")
     finally:
         checker.stop()
+    # The round under way may finish; none starts after it (the interval is 50 ms).
+    time.sleep(0.1)
+    seen = len(targets[0].seen)
+    time.sleep(0.3)
+    assert len(targets[0].seen) == seen
+
+
+def test_a_checker_stopped_mid_round_ends_without_a_traceback(targets, caplog):
+    pool = make_pool(fakeredis.FakeRedis(server=fakeredis.FakeServer()), [t.url for t in targets])
+    checker = HealthChecker(pool.settings, pool, "A")
+    hold = pool.hold_checker
+
+    def stopped_while_holding(owner: str, ttl_s: float) -> bool:
+        checker.stop()  # Gunicorn's worker_exit, between the lock and the probes,
+        checker._probes.shutdown()  # then the interpreter's exit, which refuses new work
+        return hold(owner, ttl_s)
+
+    pool.hold_checker = stopped_while_holding
+    with caplog.at_level("ERROR", logger="lb.health"):
+        checker._loop()  # returns: the stop ends it
+    assert "health check round failed" not in caplog.text
