@@ -14,7 +14,7 @@ worker would.
                   else 503
     GET /backends                the membership: each backend's URL, weight and state
     POST /backends               add one: {"url": "http://host:port", "weight": 1}
-    DELETE /backends/<id>        remove one (its in-flight requests finish)
+    DELETE /backends/<id>        remove one (its in-flight requests finish); 409 for the last
     POST /backends/<id>/drain    no new requests; in-flight ones finish
     POST /backends/<id>/activate undo a drain
     PUT /backends/<id>/weight    {"weight": 0-100}: its share of the rotation
@@ -39,7 +39,10 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from apps import metrics
 from apps.errors import json_error, register_json_errors
-from scorer.members import ACTIVE, DRAINING, Member, check_weight, new_member
+from scorer.members import (
+    ACTIVE, DRAINING, LastBackendError, Member, check_still_serving, check_weight, new_member,
+    state_file_for, with_change,
+)
 from scorer.pool import Pool
 from scorer.settings import Settings, load_settings
 
@@ -62,7 +65,9 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     Gunicorn master passes its own list); `pool` defaults to one from settings."""
     settings = load_settings(overrides=config)
     # The admin shows Redis as it is: no in-process stand-in here.
-    pool = pool or Pool(settings, degrade=False)
+    # It shares the workers' state file, so a change made here survives a Redis
+    # restart even if no worker has picked since.
+    pool = pool or Pool(settings, degrade=False, state_file=state_file_for(settings))
     runtime_dir = os.environ.get("LB_RUNTIME_DIR")
     app = Flask(__name__, static_folder=None)
     app.json.sort_keys = False
@@ -124,15 +129,21 @@ def create_app(config: Mapping[str, Any] | None = None, *,
         denied = check_token(settings.admin_token, request.headers.get("Authorization", ""))
         return denied or action()
 
-    def known(backend_id: str) -> Member:
-        pool.sync()
-        member = pool.member(backend_id)
+    def known(members: Sequence[Member], backend_id: str) -> Member:
+        member = next((m for m in members if m.id == backend_id), None)
         if member is None:
             abort(404, f"no backend {backend_id!r} in this pool")
         return member
 
     def members_reply(status: int = 200) -> tuple[Response, int]:
         return jsonify(members_rev=pool.rev, backends=[m.as_dict() for m in pool.members]), status
+
+    def apply(decide: Callable[[list[Member]], Sequence[str]]) -> None:
+        """Make one membership change; 409 if it would leave nothing to serve."""
+        try:
+            pool.change(decide)
+        except LastBackendError as exc:
+            abort(409, str(exc))
 
     @app.get("/backends")
     def list_backends() -> tuple[Response, int]:
@@ -149,10 +160,13 @@ def create_app(config: Mapping[str, Any] | None = None, *,
                 member = new_member(data["url"], data.get("weight", 1))
             except ValueError as exc:
                 abort(400, str(exc))
-            pool.sync()
-            if pool.member(member.id):
-                abort(409, f"backend {member.id} is already in the pool")
-            pool.change("put", member.id, member.to_json())
+
+            def decide(members: list[Member]) -> Sequence[str]:
+                if any(m.id == member.id for m in members):
+                    abort(409, f"backend {member.id} is already in the pool")
+                return "put", member.id, member.to_json()
+
+            apply(decide)
             log.warning("admin added backend %s (weight %d)", member.id, member.weight)
             return members_reply(201)
         return changing(add)
@@ -160,15 +174,23 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     @app.delete("/backends/<backend_id>")
     def remove_backend(backend_id: str) -> Response:
         def remove() -> Response:
-            known(backend_id)
-            pool.change("remove", backend_id)
+            def decide(members: list[Member]) -> Sequence[str]:
+                known(members, backend_id)
+                check_still_serving(members, [m for m in members if m.id != backend_id])
+                return "remove", backend_id
+
+            apply(decide)
             log.warning("admin removed backend %s", backend_id)
             return members_reply()
         return changing(remove)
 
     def set_member(backend_id: str, **change: Any) -> Response:
-        member = dataclasses.replace(known(backend_id), **change)
-        pool.change("put", member.id, member.to_json())
+        def decide(members: list[Member]) -> Sequence[str]:
+            member = dataclasses.replace(known(members, backend_id), **change)
+            check_still_serving(members, with_change(members, member))
+            return "put", member.id, member.to_json()
+
+        apply(decide)
         log.warning("admin set backend %s: %s", backend_id, change)
         return members_reply()
 
@@ -194,7 +216,8 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     @app.post("/backends/<backend_id>/reset")
     def reset(backend_id: str) -> Response:
         def do_reset() -> Response:
-            pool.reset(known(backend_id).backend)
+            pool.sync()
+            pool.reset(known(pool.members, backend_id).backend)
             log.warning("admin reset the score and block of %s", backend_id)
             return jsonify(reset=backend_id)
         return changing(do_reset)

@@ -18,7 +18,6 @@ import sys
 import time
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Mapping
 
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from apps.upstream import (
     STREAM_CHUNK, BodyStream, InFlight, UpstreamError, Upstreams, client_response_headers,
     has_no_body, read_capped, request_target, start_stream, upstream_request_headers,
 )
-from scorer.members import StateFile
+from scorer.members import state_file_for
 from scorer.pool import TIMEOUT, Outcome, Pool
 from scorer.settings import Backend, Settings, load_settings
 
@@ -247,8 +246,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     # Gunicorn's master makes the runtime dir; degraded workers leave a marker there.
     pool = Pool(settings, marker_dir=os.environ.get("LB_RUNTIME_DIR"),
-                state_file=StateFile(Path(settings.state_dir) / f"members-{settings.pool}.json",
-                                     settings.backends))
+                state_file=state_file_for(settings))
     # Gunicorn's post_fork hook tells each worker its thread count.
     threads = int(os.environ.get("GUNICORN_WORKER_THREADS", "16"))
     forwarder = Forwarder(settings, pool, Upstreams(settings, maxsize=threads),

@@ -7,6 +7,7 @@ at most two Redis round trips: one `pick`, one `report`.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import redis
 import redis.cluster
 
 from scorer import members as members_mod
-from scorer.members import DRAINING, Member, StateFile, parse_snapshot
+from scorer.members import DRAINING, Member, Snapshot, StateFile, parse_snapshot
 from scorer.settings import Backend, Settings
 from scorer.store import Store
 
@@ -136,58 +137,91 @@ class Pool:
                              repr(settings.check_interval_s)]
         self._params = [repr(getattr(settings, name)) for name in REPORT_PARAMS]
         # The membership this worker knows: the start-up list (or the one saved
-        # on disk) until Redis says otherwise (rev None: not asked yet).
+        # on disk) until Redis says otherwise (`synced` False: not asked yet).
         saved = state_file.load() if state_file else None
-        self._use(members_mod.from_settings(settings.backends) if saved is None else saved)
-        self.rev: int | None = None
+        self.synced = False
+        self._use(saved or Snapshot(0, "", self._config,
+                                    tuple(members_mod.from_settings(settings.backends))))
 
     # --- membership ---------------------------------------------------------------
 
-    def _use(self, members: list[Member]) -> None:
+    @property
+    def rev(self) -> int:
+        return self.snapshot.rev
+
+    def _use(self, snapshot: Snapshot) -> None:
         """Adopt a membership: the keys and per-backend arguments both scripts take."""
-        self.members = members
-        self.backends = [m.backend for m in members]
-        self._index = {m.id: i for i, m in enumerate(members)}
+        self.snapshot = snapshot
+        self.members = list(snapshot.members)
+        self.backends = [m.backend for m in self.members]
+        self._index = {m.id: i for i, m in enumerate(self.members)}
         # Both scripts take the same keys: the pool's hash, then every backend's.
         self._keys = [self._pool_key,
-                      *(backend_key(self.settings.pool, m.id) for m in members)]
-        weights = [0 if m.state == DRAINING else m.weight for m in members]
+                      *(backend_key(self.settings.pool, m.id) for m in self.members)]
+        weights = [0 if m.state == DRAINING else m.weight for m in self.members]
         self._weights = "" if all(w == 1 for w in weights) else ",".join(map(str, weights))
 
+    def _newest_copy(self) -> Snapshot:
+        """This worker's copy, or the state file's if another worker saw a later change."""
+        saved = self.state_file.load() if self.state_file else None
+        return saved if saved is not None and saved.rev > self.snapshot.rev else self.snapshot
+
     def sync(self) -> None:
-        """Reload the membership from Redis. A Redis without one (restarted) is seeded
-        from this worker's copy; at start-up, one that grew from another start-up
-        list is replaced: a new LB_BACKENDS wins, runtime changes otherwise persist."""
+        """Reload the membership from Redis.
+
+        A Redis without one (restarted), or with one older than the newest copy
+        this balancer knows, gets that copy: a stale worker, here or on another
+        host, cannot bring back a backend removed meanwhile. At start-up, a
+        membership that grew from another start-up list is replaced: a new
+        LB_BACKENDS wins, runtime changes otherwise persist.
+        """
         with self._lock:
-            reply = self.store.run("members", self._members_keys, ["get"])
-            seed = [self._config, *members_mod.seed_args(self.members)]
-            if int(reply[0]) == 0:
-                reply = self.store.run("members", self._members_keys, ["seed", *seed])
-            elif self.rev is None and parse_snapshot(reply)[1] != self._config:
+            reply = parse_snapshot(self.store.run("members", self._members_keys, ["get"]))
+            copy = self._newest_copy()
+            if not reply.members or reply.rev < copy.rev:
+                reply = self._members("offer", str(copy.rev), secrets.token_hex(4),
+                                      copy.config, *members_mod.seed_args(copy.members))
+            elif not self.synced and reply.config != self._config:
                 log.warning("pool %s grew from another LB_BACKENDS: replacing it with this "
                             "balancer's", self.settings.pool)
-                reply = self.store.run("members", self._members_keys, ["replace", *seed])
+                reply = self._members("replace", secrets.token_hex(4), self._config,
+                                      *members_mod.seed_args(copy.members))
             self._adopt(reply)
 
-    def _adopt(self, reply: Any) -> None:
-        rev, _, members = parse_snapshot(reply)
-        changed = [m.to_json() for m in members] != [m.to_json() for m in self.members]
-        self.rev = rev
-        if members:
-            self._use(members)
+    def _members(self, *args: str) -> Snapshot:
+        return parse_snapshot(self.store.run("members", self._members_keys, list(args)))
+
+    def _adopt(self, snapshot: Snapshot) -> None:
+        changed = snapshot.version != self.snapshot.version
+        self.synced = True
+        self._use(snapshot)
         if changed and self.state_file:
-            self.state_file.save(self.members)
+            self.state_file.save(snapshot)
 
-    def change(self, op: str, *args: str) -> list[Member]:
-        """Apply a membership change in Redis (admin): 'put' id json, 'remove' id."""
-        if self.rev is None:
+    def change(self, decide: Callable[[list[Member]], Sequence[str]]) -> list[Member]:
+        """Apply one membership change (admin), decided on the current membership.
+
+        `decide` gets the members and returns the op for members.lua: ('put', id,
+        json) or ('remove', id); it may raise to refuse. If another change lands
+        between reading and writing, the membership is read again and decided on
+        again, so no change is ever judged on a stale list.
+        """
+        for _ in range(5):
             self.sync()
-        reply = self.store.run("members", self._members_keys, [op, *args])
-        if int(reply[0]) < 0:
-            raise KeyError(args[0])
-        with self._lock:
-            self._adopt(reply)
-        return self.members
+            op, *args = decide(list(self.members))
+            reply = self.store.run("members", self._members_keys,
+                                   [op, self.snapshot.version, *args])
+            status = int(reply[0])
+            if status == -2:
+                continue
+            if status == -1:
+                raise KeyError(args[0])
+            if status == -3:
+                raise members_mod.LastBackendError("the pool cannot be left empty")
+            with self._lock:
+                self._adopt(parse_snapshot(reply))
+            return self.members
+        raise RuntimeError("the membership keeps changing: try again")
 
     def member(self, backend_id: str) -> Member | None:
         return next((m for m in self.members if m.id == backend_id), None)
@@ -207,14 +241,14 @@ class Pool:
         making them for a list of backends, asked again if the membership changes.
         A retry may be refused (retry budget, or nothing untried left): then None.
         """
-        if self.rev is None:
+        if not self.synced:
             self.sync()
         for _ in range(3):
-            backends, rev = self.backends, self.rev
+            backends, version = self.backends, self.snapshot.version
             index, _panic, _rev = self.store.run(
                 "pick", self._keys,
                 [repr(self.clock()), self._scored, flags(backends) if callable(flags) else flags,
-                 "1" if retry else "0", *self._pick_params, self._weights, str(rev)])
+                 "1" if retry else "0", *self._pick_params, self._weights, version])
             if int(index) != -2:
                 return None if int(index) < 0 else backends[int(index)]
             self.sync()  # the membership changed (or Redis lost it): reload, ask again

@@ -166,3 +166,24 @@ def test_every_endpoint_that_needs_redis_answers_503_while_it_is_away():
     assert client.get("/status").get_json()["redis"]["reachable"] is False
     # The token is still checked first.
     assert client.post(f"/backends/{backend}/drain").status_code == 401
+
+
+def test_the_last_backend_that_can_serve_is_never_taken_away():
+    client, pool = make_admin()
+    answers = [client.delete(f"/backends/127.0.0.1:{port}", headers=AUTH).status_code
+               for port in (9001, 9002, 9003)]
+    assert answers == [200, 200, 409]
+    refused = client.delete("/backends/127.0.0.1:9003", headers=AUTH)
+    assert "no backend" in refused.get_json()["error"]
+    # Redis, the admin's copy and the traffic all agree: one backend is left.
+    assert [b["id"] for b in client.get("/backends").get_json()["backends"]] == ["127.0.0.1:9003"]
+    assert {pool.pick().id for _ in range(4)} == {"127.0.0.1:9003"}
+    # Nor can it be drained or weighted to nothing while it is the only one.
+    assert client.post("/backends/127.0.0.1:9003/drain", headers=AUTH).status_code == 409
+    assert client.put("/backends/127.0.0.1:9003/weight", json={"weight": 0},
+                      headers=AUTH).status_code == 409
+    # With another one serving, it can.
+    assert client.post("/backends", json={"url": "http://127.0.0.1:9004"},
+                       headers=AUTH).status_code == 201
+    assert client.post("/backends/127.0.0.1:9003/drain", headers=AUTH).status_code == 200
+    assert client.delete("/backends/127.0.0.1:9003", headers=AUTH).status_code == 200

@@ -84,7 +84,7 @@ def test_every_script_runs_unchanged_on_the_cluster(cluster, name):
     assert 9002 not in [other.pick().port for _ in range(4)]
     assert pool.hold_checker("me", 5) and not other.hold_checker("you", 5)
     member = Member(parse_backends("http://127.0.0.1:9004")[0])
-    pool.change("put", member.id, member.to_json())
+    pool.change(lambda members: ("put", member.id, member.to_json()))
     assert 9004 in [other.pick().port for _ in range(6)]
     pool.reset(pool.backends[1])
     assert not other.status()["backends"][1]["blocked"]

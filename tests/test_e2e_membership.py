@@ -112,3 +112,34 @@ def test_the_membership_survives_a_redis_restart(tmp_path):
             p.stop()
         for p, _ in echoes:
             p.stop()
+
+
+def test_removals_hold_for_every_worker_even_across_a_redis_restart(tmp_path):
+    redis_port = free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    redis_proc = [spawn("redis", server_command(redis_port), {}, tmp_path, [redis_port])]
+    echoes = [start_echo(i, tmp_path) for i in range(3)]
+    ids = [u.removeprefix("http://") for _, u in echoes]
+    proc, url, admin = start_balancer([u for _, u in echoes], redis_url, tmp_path,
+                                      env=env("members-last"))
+    try:
+        assert upstreams(url) == set(ids)  # both workers know all three
+        # Three quick removals: the last one is refused, and the first two hold.
+        answers = [requests.delete(f"{admin}/backends/{i}", headers=AUTH, timeout=5)
+                   for i in ids]
+        assert [a.status_code for a in answers] == [200, 200, 409]
+        listed = requests.get(f"{admin}/backends", timeout=5).json()["backends"]
+        assert [m["id"] for m in listed] == ids[2:]
+        # Redis restarts before any worker has picked since: their copies are stale.
+        redis_proc.pop().stop(signal.SIGKILL)
+        redis_proc.append(spawn("redis2", server_command(redis_port), {}, tmp_path,
+                                [redis_port]))
+        assert upstreams(url, 60) == set(ids[2:])
+        listed = requests.get(f"{admin}/backends", timeout=5).json()["backends"]
+        assert [m["id"] for m in listed] == ids[2:]
+    finally:
+        proc.stop()
+        for p in redis_proc:
+            p.stop()
+        for p, _ in echoes:
+            p.stop()

@@ -19,13 +19,13 @@
 -- ARGV[10] weights             comma-separated weight per backend, '' for all 1:
 --                              a backend of weight w is picked w times in a row
 --                              per turn of the cursor; weight 0 is never picked
--- ARGV[11] known_rev           the membership revision the caller's keys and flags
---                              are built from
+-- ARGV[11] known_version       the membership version ("<rev>:<epoch>", members.lua)
+--                              the caller's keys and flags are built from
 -- Returns  {index, panic, members_rev}: the 0-based index of the picked backend, 1 when
 --          every candidate was blocked and the lowest score was taken instead
 --          (when only busy ones were left, one is taken over its cap: not panic); {-1, 0} when a retry is refused: over budget, or no
 --          unblocked, idle backend left that this request has not tried.
---          {-2, 0, members_rev} when the membership changed since known_rev
+--          {-2, 0, members_rev} when the membership changed since known_version
 --          (members.lua), nothing picked: the caller reloads and asks again, so
 --          no request ever goes by an old membership (to a drained backend, say).
 --
@@ -66,11 +66,11 @@ end
 
 -- The retry budget: decayed counts of first attempts and of retries.
 local budget = redis.call('HMGET', pool_key, 'cursor', 'req_sum', 'retry_sum', 'budget_at',
-                          'members_rev', 'turn_served')
+                          'members_rev', 'turn_served', 'members_epoch')
 local last = tonumber(budget[1]) or -1
 local rev = tonumber(budget[5]) or 0
 local served = num(budget[6])
-if tonumber(ARGV[11]) ~= rev then
+if ARGV[11] ~= (budget[5] or '0') .. ':' .. (budget[7] or '') then
     return {-2, 0, rev}
 end
 local budget_fade = math.exp(-math.max(0, now - num(budget[4])) / retry_budget_tau_s)
