@@ -45,6 +45,7 @@ from scorer.members import (
 )
 from scorer.pool import Pool
 from scorer.settings import Settings, load_settings
+from scorer.store import describe
 
 log = logging.getLogger("lb.admin")
 
@@ -75,7 +76,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
 
     @app.errorhandler(redis.RedisError)
     def redis_away(exc: redis.RedisError) -> Response:
-        return json_error(503, f"Redis unavailable: {exc}", source="admin")
+        return json_error(503, f"Redis unavailable: {describe(exc)}", source="admin")
 
     def degraded_workers() -> list[int]:
         """Workers serving from their own state because Redis failed them."""
@@ -95,17 +96,18 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     @app.get("/status")
     def status() -> Response:
         try:
-            shared, reachable = pool.status(), True
+            shared, problem = pool.status(), None
             shared["checker"] = pool.checker()
-        except redis.RedisError:
+        except redis.RedisError as exc:
             shared = {"backends": [{"id": b.id, "url": b.url} for b in settings.backends]}
-            reachable = False
+            problem = describe(exc)
         degraded = degraded_workers()
         return jsonify(
             strategy=settings.strategy,
             pool=settings.pool,
-            mode="degraded" if degraded or not reachable else "shared",
-            redis={"url": redacted(settings.redis_url), "reachable": reachable},
+            mode="degraded" if degraded or problem else "shared",
+            redis={"url": redacted(settings.redis_url), "reachable": problem is None,
+                   "problem": problem},
             workers=len(workers()) if workers else None,
             degraded_workers=degraded,
             **shared,
@@ -121,7 +123,8 @@ def create_app(config: Mapping[str, Any] | None = None, *,
         if workers is not None and not workers():
             return jsonify(ready=False, reasons=["no traffic worker is running"]), 503
         # Without Redis the balancer still serves, from per-worker state: ready, degraded.
-        notes = [] if pool.ping() else ["Redis is unreachable: workers serve from their own state"]
+        problem = pool.redis_problem()
+        notes = [] if problem is None else [f"Redis {problem}: workers serve from their own state"]
         return jsonify(ready=True, degraded=bool(notes), reasons=notes), 200
 
     def changing(action: Callable[[], Response]) -> Response:

@@ -287,9 +287,9 @@ class Pool:
         """Delete this pool's keys (a finished simulation's)."""
         self.redis.delete(*self._keys, self._checker_key, *self._members_keys[1:])
 
-    def ping(self) -> bool:
-        """Whether Redis answers now."""
-        return self.store.ping()
+    def redis_problem(self) -> str | None:
+        """None when Redis answers now, else what is wrong with it."""
+        return self.store.problem()
 
     def raw_state(self) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
         """The pool's hash and each backend's hash, as stored in Redis."""

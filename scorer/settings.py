@@ -263,7 +263,10 @@ TABLE: tuple[Setting, ...] = (
     Setting("REDIS_URL", "", parse_redis_url, "URL",
             "Redis holding the shared state. Unset: the bundled server, "
             "`redis://127.0.0.1:<LB_REDIS_PORT>/0`. `redis+cluster://host:port` (or "
-            "`rediss+cluster://`) selects Redis Cluster, any node as the entry point."),
+            "`rediss+cluster://`) selects Redis Cluster, any node as the entry point. A "
+            "password goes in the URL: `redis://:password@host:6379/0`, or with an ACL user "
+            "`redis://user:password@host:6379/0` (percent-encode `@`, `:` and `/` in it); "
+            "`/status` shows it as `***`."),
     Setting("LB_REDIS_RETRY_S", "1", parse_seconds, "s",
             "While Redis is unreachable each worker serves from its own in-process state "
             "and checks Redis again this often."),

@@ -131,12 +131,13 @@ class Store:
             conn.disconnect()  # a reply may still be on its way: never read it as the next one
             raise
 
-    def ping(self) -> bool:
-        """Whether Redis answers now."""
+    def problem(self) -> str | None:
+        """None when Redis answers now, else what is wrong, in words (see `describe`)."""
         try:
-            return bool(self.redis.ping())
-        except redis.RedisError:
-            return False
+            self.redis.ping()
+        except redis.RedisError as exc:
+            return describe(exc)
+        return None
 
     def _local_client(self) -> redis.Redis:
         if self._local is None:
@@ -149,8 +150,8 @@ class Store:
             if self.degraded:
                 return
             self.degraded = True
-        log.warning("Redis unreachable (%s): serving from this process's own state "
-                    "until it is back", exc)
+        log.warning("Redis %s: serving from this process's own state until it is back",
+                    describe(exc))
         self._mark(True)
         threading.Thread(target=self._wait_for_redis, name="lb-redis-check",
                          daemon=True).start()
@@ -192,6 +193,16 @@ class Store:
                 marker.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("cannot update %s: %s", marker, exc)
+
+
+def describe(exc: BaseException) -> str:
+    """A Redis failure in words an operator can act on: a wrong password is not an outage."""
+    if isinstance(exc, redis.AuthenticationError):
+        return (f"authentication failed ({exc}): check the user and password in REDIS_URL, "
+                "redis://user:password@host:port/db")
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return f"refused a command ({exc}): the REDIS_URL user needs EVALSHA, SCRIPT, HGETALL, SET"
+    return f"unreachable ({exc})"
 
 
 def _drop_inherited_clients() -> None:

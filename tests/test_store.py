@@ -1,6 +1,7 @@
 """Degraded mode: when Redis goes away the same scripts run in-process, then Redis again."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -8,6 +9,7 @@ import signal
 import pytest
 import redis
 
+from apps.admin import create_app
 from scorer.pool import Outcome, Pool, pool_key
 from scorer.redis_server import server_command
 from scorer.settings import load_settings
@@ -112,3 +114,34 @@ def test_short_lived_threads_give_their_connections_back(real_redis):
         thread.start()
         thread.join()
     assert len(real_redis.client_list()) <= before + 1
+
+
+@pytest.mark.e2e
+def test_a_redis_that_wants_a_password_says_so(tmp_path, caplog):
+    port = free_port()
+    proc = spawn(f"redis-auth-{port}", server_command(port, "--requirepass", "pw0rd"), {},
+                 tmp_path, [port])
+    try:
+        wrong = load_settings(environ={"REDIS_URL": f"redis://:nope@127.0.0.1:{port}/0",
+                                       "LB_REDIS_RETRY_S": "60"})
+        for settings in (wrong, load_settings(environ={"REDIS_URL": f"redis://127.0.0.1:{port}/0",
+                                                       "LB_REDIS_RETRY_S": "60"})):
+            pool = Pool(settings)
+            assert "authentication failed" in pool.redis_problem()
+            with caplog.at_level(logging.WARNING, logger="lb.store"):
+                assert pool.pick() is not None  # served from its own state meanwhile
+            assert "Redis authentication failed" in caplog.text
+            assert "unreachable" not in caplog.text
+            caplog.clear()
+        admin = create_app({"REDIS_URL": f"redis://:nope@127.0.0.1:{port}/0"},
+                           workers=lambda: [1]).test_client()
+        ready = admin.get("/ready").get_json()
+        assert ready["degraded"] and "authentication failed" in ready["reasons"][0]
+        status = admin.get("/status").get_json()
+        assert "authentication failed" in status["redis"]["problem"]
+        assert "nope" not in json.dumps(status)  # the password is redacted
+        right = Pool(load_settings(environ={"REDIS_URL": f"redis://:pw0rd@127.0.0.1:{port}/0"}))
+        assert right.redis_problem() is None and right.pick() is not None
+        assert not right.store.degraded
+    finally:
+        proc.stop()
