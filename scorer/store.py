@@ -198,10 +198,9 @@ class Store:
 def describe(exc: BaseException) -> str:
     """A Redis failure in words an operator can act on: a wrong password is not an outage."""
     if isinstance(exc, redis.AuthenticationError):
-        return (f"authentication failed ({exc}): check the user and password in REDIS_URL, "
-                "redis://user:password@host:port/db")
+        return f"authentication failed: check the user and password in REDIS_URL ({exc})"
     if isinstance(exc, redis.exceptions.NoPermissionError):
-        return f"refused a command ({exc}): the REDIS_URL user needs EVALSHA, SCRIPT, HGETALL, SET"
+        return f"refused a command: the REDIS_URL user lacks a permission ({exc})"
     return f"unreachable ({exc})"
 
 
