@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+import trustme
 
 from tests.rawbackend import ScriptedBackend
 from tests.support import SocketServer, free_port, start_balancer, wait_for
@@ -264,6 +266,58 @@ def test_a_trial_that_never_answered_is_offered_again(balancer, closing):
     status = requests.get(f"{admin}/status", timeout=5).json()
     assert status["trial_picks"] == 3
     assert status["backends"][0]["trials"] == {"passed": 0, "failed": 2}  # the lost one: neither
+
+
+# --- 6. connections that cannot be opened --------------------------------------------
+
+
+class FailingHandshake(SocketServer):
+    """An https:// backend whose TLS handshake fails: `untrusted` shows a certificate
+    from a CA the balancer does not trust, `reset` closes on the ClientHello (with
+    data unread, so the balancer sees a reset), `silent` never answers it."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.closed = threading.Event()
+        if how == "untrusted":
+            self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            trustme.CA().issue_cert("127.0.0.1").configure_cert(self.context)
+        super().__init__()
+        self.url = f"https://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.closed.set()
+        super().close()
+
+    def handle(self, conn: socket.socket) -> None:
+        with conn:
+            if self.how == "untrusted":
+                try:
+                    self.context.wrap_socket(conn, server_side=True).close()
+                except ssl.SSLError:  # the balancer refused the certificate
+                    pass
+            elif self.how == "reset":
+                conn.recv(1)
+            else:
+                self.closed.wait()
+
+
+def test_a_connection_that_cannot_be_opened_is_retried_whatever_the_method(balancer,
+                                                                           closing):
+    failing = {"untrusted": "connect", "reset": "connect", "silent": "timeout"}
+    servers = [closing(FailingHandshake(how)) for how in failing] + [closing(FullBacklog())]
+    good = closing(ScriptedBackend())
+    # Round robin: every POST meets the four failing backends before the good one.
+    _, url, admin = balancer([*servers, good], LB_CONNECT_TIMEOUT="0.3", LB_RETRIES="4",
+                             LB_STRATEGY="round_robin", LB_RETRY_BUDGET_MIN="100")
+    total = 3
+    responses = send(url, total, "POST", clients=1)
+    assert [r.status_code for r in responses] == [200] * total, responses[0].text
+    # Nothing reached the failing backends, so the POSTs went on, each delivered once.
+    assert sorted(good.requests) == [("POST", f"/r/{i}", f"body {i}".encode())
+                                     for i in range(total)]
+    outcomes = [b["outcomes"] for b in backend_states(admin)[:4]]
+    assert outcomes == [{kind: total} for kind in [*failing.values(), "timeout"]]
 
 
 # --- 7. health checks ----------------------------------------------------------------
