@@ -20,10 +20,12 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import urllib3
+from urllib3.connection import HTTPConnection
 from urllib3.exceptions import (
-    ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError, ReadTimeoutError, SSLError,
+    ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError, ReadTimeoutError,
 )
 from urllib3.util import SKIP_HEADER
+from urllib3.util.ssl_match_hostname import CertificateError
 
 from scorer.pool import CONNECT, PROTOCOL, TIMEOUT
 from scorer.settings import Backend, Settings
@@ -122,19 +124,33 @@ class UpstreamError(Exception):
 
 
 def classify(exc: HTTPError) -> UpstreamError:
-    """Turn a urllib3 failure into an UpstreamError of the right kind."""
-    # NewConnectionError subclasses ConnectTimeoutError, so it is tested first.
-    if isinstance(exc, NewConnectionError):
-        return UpstreamError(CONNECT, "connection refused or unreachable", delivered=False)
-    if isinstance(exc, ConnectTimeoutError):
-        return UpstreamError(TIMEOUT, "timed out connecting", delivered=False)
-    if isinstance(exc, SSLError):
-        return UpstreamError(CONNECT, f"TLS handshake failed: {exc}", delivered=False)
+    """Turn a urllib3 failure on an open connection into an UpstreamError (the
+    request may have reached the backend)."""
     if isinstance(exc, ReadTimeoutError):
         return UpstreamError(TIMEOUT, "timed out waiting for an answer")
     if isinstance(exc, ProtocolError):
         return UpstreamError(PROTOCOL, f"connection broken: {exc.args[-1]!r}")
     return UpstreamError(PROTOCOL, f"{type(exc).__name__}: {exc}")
+
+
+def open_connection(conn: HTTPConnection, timeout: urllib3.Timeout) -> None:
+    """Connect, TLS handshake included, before anything is sent: whatever fails
+    here never reached the backend, so any method may be retried elsewhere.
+
+    urllib3 alone would report a handshake that times out as a read timeout and
+    one reset by the backend as a broken connection, as if a request had gone.
+    """
+    conn.timeout = timeout.connect_timeout
+    try:
+        conn.connect()
+    # NewConnectionError subclasses ConnectTimeoutError, so it is tested first.
+    except NewConnectionError as exc:
+        raise UpstreamError(CONNECT, "connection refused or unreachable",
+                            delivered=False) from exc
+    except (ConnectTimeoutError, TimeoutError) as exc:  # TimeoutError: in the handshake
+        raise UpstreamError(TIMEOUT, "timed out connecting", delivered=False) from exc
+    except (HTTPError, OSError, CertificateError) as exc:  # what is left is the handshake
+        raise UpstreamError(CONNECT, f"TLS handshake failed: {exc}", delivered=False) from exc
 
 
 class Upstreams:
@@ -190,6 +206,8 @@ class Upstreams:
                 headers[name] = SKIP_HEADER
         conn = pool._get_conn()
         try:
+            if conn.is_closed:  # a new connection, not a kept-alive one
+                open_connection(conn, timeout)
             response = pool._make_request(
                 conn, method, target, body=body, headers=headers, timeout=timeout,
                 retries=NO_RETRIES, response_conn=conn,

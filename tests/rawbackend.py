@@ -6,16 +6,25 @@
     /early         103 Early Hints before the real 200
     /tecl          both Transfer-Encoding: chunked and a (wrong) Content-Length
     anything else  200 with the raw request line and headers as the JSON body
+
+ScriptedBackend answers every request alike, as a test sets it (status, delay,
+health check answer), to count what reached each backend.
 """
 from __future__ import annotations
 
 import json
 import socket
+import threading
+from http import HTTPStatus
 
 from tests.support import SocketServer
 
 
 class RawBackend(SocketServer):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, bytes]] = []  # method, target and body of each request
+        super().__init__()
+
     def handle(self, conn: socket.socket) -> None:
         with conn:
             reader = conn.makefile("rb")
@@ -28,8 +37,9 @@ class RawBackend(SocketServer):
                     headers.append(line.decode("latin-1").rstrip("\r\n"))
                 length = next((int(h.split(":", 1)[1]) for h in headers
                                if h.lower().startswith("content-length:")), 0)
-                reader.read(length)
+                body = reader.read(length)
                 method, target, _ = request_line.decode("latin-1").split(" ", 2)
+                self.seen.append((method, target, body))
                 if not self._answer(conn, method, target, headers):
                     return
 
@@ -61,4 +71,43 @@ class RawBackend(SocketServer):
         body = json.dumps({"method": method, "target": target, "headers": headers}).encode()
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        return True
+
+
+class ScriptedBackend(RawBackend):
+    """Answers every request with `status` after `delay` seconds (None: never), the
+    body naming the backend; GET /health answers `health` at once. A test may change
+    all three while it runs. `requests` is what reached it, health checks left out."""
+
+    def __init__(self, status: int = 200, delay: float | None = 0.0, health: int = 200) -> None:
+        self.status, self.delay, self.health = status, delay, health
+        self._closed = threading.Event()
+        super().__init__()
+
+    @property
+    def requests(self) -> list[tuple[str, str, bytes]]:
+        return [seen for seen in self.seen if seen[1] != "/health"]
+
+    def close(self) -> None:
+        self._closed.set()  # frees the threads of hung requests
+        super().close()
+
+    def handle(self, conn: socket.socket) -> None:
+        try:
+            super().handle(conn)
+        except OSError:  # the balancer gave up on a late answer and hung up
+            pass
+
+    def _answer(self, conn: socket.socket, method: str, target: str, headers: list[str]) -> bool:
+        if target == "/health":
+            status = self.health
+        elif self._closed.wait(self.delay):  # closed while waiting: never answer
+            return False
+        else:
+            status = self.status
+        body = json.dumps({"backend": self.port, "status": status}).encode()
+        location = "Location: /elsewhere\r\n" if 300 <= status < 400 else ""
+        conn.sendall(f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n{location}"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                     .encode() + body)
         return True
