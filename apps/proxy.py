@@ -30,6 +30,7 @@ from apps import metrics
 from apps.body import RequestBody
 from apps.errors import json_error, register_json_errors
 from apps.health import HealthChecker
+from apps.logs import log_through_gunicorn
 from apps.retry import may_retry
 from apps.upstream import (
     STREAM_CHUNK, BodyStream, InFlight, UpstreamError, Upstreams, client_response_headers,
@@ -241,7 +242,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     settings = load_settings(overrides=config)
     app = ProxyFlask(__name__, static_folder=None)
     register_json_errors(app, source=SOURCE)
-    _log_through_gunicorn()
+    log_through_gunicorn()
     if not settings.tls_verify:
         log.warning("LB_TLS_VERIFY=0: https backends' certificates are NOT checked")
 
@@ -314,13 +315,3 @@ def access_logger(target: str) -> logging.Logger | None:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     return logger
-
-
-def _log_through_gunicorn() -> None:
-    """Send the balancer's log lines where Gunicorn sends its own, at its level."""
-    gunicorn_log = logging.getLogger("gunicorn.error")
-    lb_log = logging.getLogger("lb")
-    if gunicorn_log.handlers and not lb_log.handlers:
-        lb_log.handlers = gunicorn_log.handlers
-        lb_log.setLevel(gunicorn_log.level)
-        lb_log.propagate = False

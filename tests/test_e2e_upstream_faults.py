@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import pytest
@@ -11,6 +12,8 @@ from tests.rawbackend import RawBackend
 from tests.support import start_balancer, start_echo
 
 pytestmark = pytest.mark.e2e
+
+TOKEN = "raw-admin-token"
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +30,26 @@ def via_raw(raw_backend, redis_server, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("raw")
     proc, url, admin = start_balancer([raw_backend.url], redis_server, log_dir, workers=1,
                                       threads=4, env={"LB_MAX_INFLIGHT": "2",
-                                                      "LB_READ_TIMEOUT": "2"})
+                                                      "LB_READ_TIMEOUT": "2",
+                                                      "LB_ADMIN_TOKEN": TOKEN})
     yield proc, url, admin
     proc.stop()
 
 
-def raw_get(url: str, target: str, method: str = "GET") -> bytes:
+def raw_exchange(url: str, request: bytes) -> bytes:
+    """Send raw bytes; return all the balancer answers until it closes the connection."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(request)
         reply = b""
         while chunk := sock.recv(65536):
             reply += chunk
     return reply
+
+
+def raw_get(url: str, target: str, method: str = "GET") -> bytes:
+    return raw_exchange(url, f"{method} {target} HTTP/1.1\r\nHost: x\r\n"
+                             "Connection: close\r\n\r\n".encode())
 
 
 def test_the_target_goes_upstream_exactly_as_sent(via_raw):
@@ -125,3 +135,36 @@ def test_a_backend_dying_after_its_head_is_retried_elsewhere(raw_backend, redis_
         proc.stop()
         echo.stop()
     assert statuses == {200}
+
+
+def test_a_forged_line_in_the_path_stays_on_its_own_line(via_raw):
+    proc, url, _ = via_raw
+    # After each kind of line break a fake line; the backend fails, so the
+    # balancer logs a warning with the (decoded) path.
+    breaks = ["%0a", "%0d", "%0b", "%1e", "%C2%85", "%E2%80%A8"]
+    target = "/dieafterhead/" + "".join(f"{b}[CRITICAL]%20forged" for b in breaks)
+    assert raw_get(url, target).startswith(b"HTTP/1.1 502")
+    # Gunicorn's own warning about a bad request line writes it with repr().
+    assert raw_exchange(url, b"GET /a\x0b[CRITICAL] forged\x85 HTTP/1.1\r\nHost: x\r\n\r\n"
+                        ).startswith(b"HTTP/1.1 400")
+    lines = proc.output().splitlines()  # splits on every break above, as log readers may
+    assert not [line for line in lines if line.startswith("[CRITICAL]")]
+    escaped = "\\n \\r \\x0b \\x1e \\x85 \\u2028".split()
+    logged = "".join(f"{e}[CRITICAL] forged" for e in escaped)
+    assert [line for line in lines if f"[WARNING] GET /dieafterhead/{logged} -> " in line]
+    # The JSON access log has the raw target, on one line (json.dumps escapes the rest).
+    access = [json.loads(line) for line in lines if line.startswith("{") and "dieafterhead/%0a" in line]
+    assert [entry["path"] for entry in access] == [target]
+
+
+def test_the_admin_listener_logs_through_the_escaping_handlers(via_raw, raw_backend):
+    proc, _, admin = via_raw
+    backend = raw_backend.url.removeprefix("http://")
+    response = requests.post(f"{admin}/backends/{backend}/reset", timeout=5,
+                             headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200
+    # In Gunicorn's format, so through Gunicorn's handlers (apps/logs.py), not Python's
+    # bare last-resort handler.
+    line = rf"^\[[^]]+\] \[\d+\] \[WARNING\] admin reset the score and block of {re.escape(backend)}$"
+    assert re.search(line, proc.output(), re.MULTILINE)
+
