@@ -168,3 +168,19 @@ def test_the_admin_listener_logs_through_the_escaping_handlers(via_raw, raw_back
     line = rf"^\[[^]]+\] \[\d+\] \[WARNING\] admin reset the score and block of {re.escape(backend)}$"
     assert re.search(line, proc.output(), re.MULTILINE)
 
+
+def test_the_backends_own_x_upstream_and_request_id_are_dropped(via_raw, raw_backend):
+    proc, url, admin = via_raw
+    backend = raw_backend.url.removeprefix("http://")
+    response = requests.get(f"{url}/ownheaders/one", headers={"X-Request-ID": "client-7"},
+                            timeout=10)
+    assert response.status_code == 200 and response.content == b"ok"
+    assert response.raw.headers.getlist("X-Upstream") == [backend]
+    assert response.raw.headers.getlist("X-Request-ID") == ["client-7"]
+    access = [json.loads(line) for line in proc.output().splitlines()
+              if line.startswith("{") and '"/ownheaders/one"' in line]
+    assert [entry["backend"] for entry in access] == [backend]
+    metrics = requests.get(f"{admin}/metrics", timeout=5).text
+    assert f'lb_requests_total{{backend="{backend}",code="2xx"}}' in metrics
+    assert "203.0.113.9" not in metrics
+
