@@ -27,7 +27,7 @@ import urllib3
 from flask import Flask, Request, Response, g, request
 
 from apps import metrics
-from apps.body import RequestBody
+from apps.body import RequestBody, foreign_codings
 from apps.errors import json_error, register_json_errors
 from apps.health import HealthChecker
 from apps.logs import log_through_gunicorn
@@ -86,6 +86,20 @@ class Failure:
         return str(self.error) if self.error else f"status {self.response.status_code}"
 
 
+def refusal(req: Request) -> Response | None:
+    """The balancer's own answer to a request it does not forward, or None. Decided
+    before the body is read or any backend is picked."""
+    codings = foreign_codings(req.headers.get("Transfer-Encoding", ""))
+    if codings:  # gunicorn_conf.py's pre_request closes the connection after this answer
+        return json_error(501, f"transfer coding {codings[0]!r} is not supported, only chunked",
+                          source=SOURCE)
+    upgrade = req.headers.get("Upgrade", "").lower()
+    if upgrade and upgrade != "h2c":  # h2c may be ignored; a WebSocket may not
+        return json_error(501, f"protocol upgrade to {upgrade!r} is not supported",
+                          source=SOURCE)
+    return None
+
+
 class Forwarder:
     """Forwards one request at a time (per thread): attempts, retries, reports."""
 
@@ -97,10 +111,9 @@ class Forwarder:
         self.inflight = inflight
 
     def handle(self, req: Request, request_id: str = "") -> Response:
-        upgrade = req.headers.get("Upgrade", "").lower()
-        if upgrade and upgrade != "h2c":  # h2c may be ignored; a WebSocket may not
-            return json_error(501, f"protocol upgrade to {upgrade!r} is not supported",
-                              source=SOURCE)
+        refused = refusal(req)
+        if refused is not None:
+            return refused
         settings = self.settings
         body = RequestBody.read(req.environ, settings.max_body, settings.retry_buffer)
         target = request_target(req.environ.get("RAW_URI") or req.full_path)

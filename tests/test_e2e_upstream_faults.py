@@ -184,3 +184,34 @@ def test_the_backends_own_x_upstream_and_request_id_are_dropped(via_raw, raw_bac
     assert f'lb_requests_total{{backend="{backend}",code="2xx"}}' in metrics
     assert "203.0.113.9" not in metrics
 
+
+def reached(raw_backend, since: int, method: str, prefix: str) -> list:
+    return [r for r in raw_backend.requests[since:] if r[0] == method and r[1].startswith(prefix)]
+
+
+@pytest.mark.parametrize("coding, status, balancer", [
+    ("gzip, chunked", 501, True), ("GZIP, Chunked", 501, True),
+    ("identity, chunked", 501, True), ("deflate,chunked", 501, True),
+    # Gunicorn refuses these itself: a coding after chunked, no chunked at all,
+    # a coding it does not know.
+    ("chunked, gzip", 400, False), ("identity", 400, False), ("br, chunked", 501, False),
+])
+def test_a_transfer_coding_other_than_chunked_is_refused(via_raw, raw_backend, coding, status,
+                                                          balancer):
+    _, url, _ = via_raw
+    since = len(raw_backend.requests)
+    # A second request right behind the body: the connection must close unread.
+    reply = raw_exchange(url, f"POST /coded HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {coding}"
+                              "\r\n\r\n4\r\nabcd\r\n0\r\n\r\n"
+                              "GET /coded-next HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status}".encode()), reply
+    assert b"\r\nConnection: close\r\n" in head
+    assert reply.count(b"HTTP/1.1 ") == 1  # the pipelined request never ran
+    if balancer:
+        answer = json.loads(body)
+        assert answer["status"] == 501 and answer["source"] == "balancer"
+        assert coding.split(",")[0].strip().lower() in answer["error"]
+    assert reached(raw_backend, since, "POST", "/coded") == []
+    assert reached(raw_backend, since, "GET", "/coded") == []
+
