@@ -86,9 +86,18 @@ class Failure:
         return str(self.error) if self.error else f"status {self.response.status_code}"
 
 
+# Every method but CONNECT is forwarded; a 405 must still name some (RFC 9110 15.5.6).
+ALLOWED_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"
+
+
 def refusal(req: Request) -> Response | None:
     """The balancer's own answer to a request it does not forward, or None. Decided
     before the body is read or any backend is picked."""
+    if req.method == "CONNECT":  # a tunnel to an address the client names: never
+        response = json_error(405, "CONNECT is not supported: the balancer is not a forward "
+                              "proxy", source=SOURCE)
+        response.headers["Allow"] = ALLOWED_METHODS
+        return response
     codings = foreign_codings(req.headers.get("Transfer-Encoding", ""))
     if codings:  # gunicorn_conf.py's pre_request closes the connection after this answer
         return json_error(501, f"transfer coding {codings[0]!r} is not supported, only chunked",

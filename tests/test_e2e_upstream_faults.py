@@ -215,3 +215,17 @@ def test_a_transfer_coding_other_than_chunked_is_refused(via_raw, raw_backend, c
     assert reached(raw_backend, since, "POST", "/coded") == []
     assert reached(raw_backend, since, "GET", "/coded") == []
 
+
+@pytest.mark.parametrize("target", ["127.0.0.1:6379", "/x", "{backend}"])
+def test_connect_is_refused_with_405_and_an_allow_header(via_raw, raw_backend, target):
+    _, url, _ = via_raw
+    since = len(raw_backend.requests)
+    target = target.format(backend=raw_backend.url.removeprefix("http://"))
+    head, _, body = raw_get(url, target, method="CONNECT").partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405")
+    allow = re.search(rb"\r\nAllow: ([^\r]*)", head).group(1).decode()
+    assert {"GET", "POST"} <= {m.strip() for m in allow.split(",")} and "CONNECT" not in allow
+    answer = json.loads(body)
+    assert answer["source"] == "balancer" and "CONNECT" in answer["error"]
+    assert b"X-Upstream" not in head
+    assert [r for r in raw_backend.requests[since:] if r[0] == "CONNECT"] == []
