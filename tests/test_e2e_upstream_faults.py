@@ -153,7 +153,8 @@ def test_a_forged_line_in_the_path_stays_on_its_own_line(via_raw):
     logged = "".join(f"{e}[CRITICAL] forged" for e in escaped)
     assert [line for line in lines if f"[WARNING] GET /dieafterhead/{logged} -> " in line]
     # The JSON access log has the raw target, on one line (json.dumps escapes the rest).
-    access = [json.loads(line) for line in lines if line.startswith("{") and "dieafterhead/%0a" in line]
+    access = [json.loads(line) for line in lines
+              if line.startswith("{") and "dieafterhead/%0a" in line]
     assert [entry["path"] for entry in access] == [target]
 
 
@@ -165,7 +166,8 @@ def test_the_admin_listener_logs_through_the_escaping_handlers(via_raw, raw_back
     assert response.status_code == 200
     # In Gunicorn's format, so through Gunicorn's handlers (apps/logs.py), not Python's
     # bare last-resort handler.
-    line = rf"^\[[^]]+\] \[\d+\] \[WARNING\] admin reset the score and block of {re.escape(backend)}$"
+    prefix = r"^\[[^]]+\] \[\d+\] \[WARNING\] "
+    line = prefix + f"admin reset the score and block of {re.escape(backend)}$"
     assert re.search(line, proc.output(), re.MULTILINE)
 
 
@@ -229,3 +231,19 @@ def test_connect_is_refused_with_405_and_an_allow_header(via_raw, raw_backend, t
     assert answer["source"] == "balancer" and "CONNECT" in answer["error"]
     assert b"X-Upstream" not in head
     assert [r for r in raw_backend.requests[since:] if r[0] == "CONNECT"] == []
+
+
+def test_gunicorns_own_access_log_is_escaped_too(raw_backend, redis_server, tmp_path):
+    proc, url, _ = start_balancer([raw_backend.url], redis_server, tmp_path, workers=1,
+                                  env={"GUNICORN_ACCESSLOG": "-", "LB_ACCESS_LOG": "off"})
+    try:
+        # A header value may carry C1 characters (obs-text) and tabs; Gunicorn logs it raw.
+        reply = raw_exchange(url, b"GET /agent HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                  b"User-Agent: ua\x85[CRITICAL] forged\t\"q\r\n\r\n")
+    finally:
+        proc.stop()
+    assert reply.startswith(b"HTTP/1.1 200")
+    lines = proc.output().splitlines()
+    assert not [line for line in lines if line.startswith("[CRITICAL]")]
+    assert [line for line in lines if '"GET /agent HTTP/1.1" 200 ' in line
+            and line.endswith('"ua\\x85[CRITICAL] forged\\t\\"q"')]
