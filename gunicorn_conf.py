@@ -170,6 +170,18 @@ def worker_exit(server, worker):
         checker.stop()
 
 
+def pre_request(worker, req):
+    worker.log.debug("%s %s", req.method, req.path)  # what Gunicorn's own hook does
+    # The balancer answers 501 to a transfer coding other than chunked without
+    # reading the body: close the connection after it, rather than have
+    # Gunicorn read the whole body only to throw it away.
+    coded = [value for name, value in req.headers if name == "TRANSFER-ENCODING"]
+    if coded and _is_balancer(worker):
+        from apps.body import foreign_codings
+        if foreign_codings(",".join(coded)):
+            req.force_close()
+
+
 def post_worker_init(worker):
     # The echo app's `dead` profile needs the worker, to close its port later.
     hook = getattr(worker.wsgi, "extensions", {}).get("echo.on_worker_init")

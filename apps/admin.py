@@ -39,10 +39,15 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from apps import metrics
 from apps.errors import json_error, register_json_errors
+<<<<<<< HEAD
 from scorer.members import (
     ACTIVE, DRAINING, LastBackendError, Member, check_still_serving, check_weight, new_member,
     state_file_for, with_change,
 )
+=======
+from apps.logs import log_through_gunicorn
+from scorer.members import ACTIVE, DRAINING, Member, check_weight, new_member
+>>>>>>> req
 from scorer.pool import Pool
 from scorer.settings import Settings, load_settings
 from scorer.store import describe
@@ -253,6 +258,7 @@ class _QuietHandler(WSGIRequestHandler):
 def start_admin_server(settings: Settings,
                        workers: Callable[[], Sequence[int]]) -> BaseWSGIServer:
     """Bind the admin listener and serve it from a daemon thread; return the server."""
+    log_through_gunicorn()  # the master's lines too: escaped, in Gunicorn's format
     app = create_app(workers=workers)
     server = make_server(settings.admin_host, settings.admin_port, app,
                          threaded=True, request_handler=_QuietHandler)

@@ -16,6 +16,18 @@ from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 CHUNK = 64 * 1024
 
 
+def foreign_codings(transfer_encoding: str) -> list[str]:
+    """The request's transfer codings other than chunked, lower-cased.
+
+    Gunicorn takes the chunked framing off and passes, say, `gzip, chunked`
+    on, leaving the gzip bytes to the app; sent upstream as a plain body
+    they would lose all sign of their coding, so such requests get 501
+    (RFC 9112 6.1).
+    """
+    codings = (c.strip(" \t").lower() for c in transfer_encoding.split(","))
+    return [c for c in codings if c and c != "chunked"]
+
+
 class ClientGone(BadRequest):
     """The client stopped sending its body (disconnect or broken framing)."""
 

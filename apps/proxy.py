@@ -26,9 +26,10 @@ import urllib3
 from flask import Flask, Request, Response, g, request
 
 from apps import metrics
-from apps.body import RequestBody
+from apps.body import RequestBody, foreign_codings
 from apps.errors import json_error, register_json_errors
 from apps.health import HealthChecker
+from apps.logs import log_through_gunicorn
 from apps.retry import may_retry
 from apps.upstream import (
     STREAM_CHUNK, BodyStream, InFlight, UpstreamError, Upstreams, client_response_headers,
@@ -84,6 +85,29 @@ class Failure:
         return str(self.error) if self.error else f"status {self.response.status_code}"
 
 
+# Every method but CONNECT is forwarded; a 405 must still name some (RFC 9110 15.5.6).
+ALLOWED_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"
+
+
+def refusal(req: Request) -> Response | None:
+    """The balancer's own answer to a request it does not forward, or None. Decided
+    before the body is read or any backend is picked."""
+    if req.method == "CONNECT":  # a tunnel to an address the client names: never
+        response = json_error(405, "CONNECT is not supported: the balancer is not a forward "
+                              "proxy", source=SOURCE)
+        response.headers["Allow"] = ALLOWED_METHODS
+        return response
+    codings = foreign_codings(req.headers.get("Transfer-Encoding", ""))
+    if codings:  # gunicorn_conf.py's pre_request closes the connection after this answer
+        return json_error(501, f"transfer coding {codings[0]!r} is not supported, only chunked",
+                          source=SOURCE)
+    upgrade = req.headers.get("Upgrade", "").lower()
+    if upgrade and upgrade != "h2c":  # h2c may be ignored; a WebSocket may not
+        return json_error(501, f"protocol upgrade to {upgrade!r} is not supported",
+                          source=SOURCE)
+    return None
+
+
 class Forwarder:
     """Forwards one request at a time (per thread): attempts, retries, reports."""
 
@@ -95,10 +119,9 @@ class Forwarder:
         self.inflight = inflight
 
     def handle(self, req: Request, request_id: str = "") -> Response:
-        upgrade = req.headers.get("Upgrade", "").lower()
-        if upgrade and upgrade != "h2c":  # h2c may be ignored; a WebSocket may not
-            return json_error(501, f"protocol upgrade to {upgrade!r} is not supported",
-                              source=SOURCE)
+        refused = refusal(req)
+        if refused is not None:
+            return refused
         settings = self.settings
         body = RequestBody.read(req.environ, settings.max_body, settings.retry_buffer)
         target = request_target(req.environ.get("RAW_URI") or req.full_path)
@@ -240,7 +263,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     settings = load_settings(overrides=config)
     app = ProxyFlask(__name__, static_folder=None)
     register_json_errors(app, source=SOURCE)
-    _log_through_gunicorn()
+    log_through_gunicorn()
     if not settings.tls_verify:
         log.warning("LB_TLS_VERIFY=0: https backends' certificates are NOT checked")
 
@@ -312,13 +335,3 @@ def access_logger(target: str) -> logging.Logger | None:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     return logger
-
-
-def _log_through_gunicorn() -> None:
-    """Send the balancer's log lines where Gunicorn sends its own, at its level."""
-    gunicorn_log = logging.getLogger("gunicorn.error")
-    lb_log = logging.getLogger("lb")
-    if gunicorn_log.handlers and not lb_log.handlers:
-        lb_log.handlers = gunicorn_log.handlers
-        lb_log.setLevel(gunicorn_log.level)
-        lb_log.propagate = False

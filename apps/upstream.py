@@ -41,8 +41,10 @@ HOP_BY_HOP = frozenset({
 REPLACED_REQUEST_HEADERS = frozenset({"host", "x-forwarded-proto", "x-forwarded-host", "expect",
                                       "x-request-id"})
 # The balancer's own server sends these; forwarding the backend's would
-# duplicate them (as nginx's proxy_hide_header does by default).
-REPLACED_RESPONSE_HEADERS = frozenset({"date", "server"})
+# duplicate them (as nginx's proxy_hide_header does by default). X-Upstream and
+# X-Request-ID are the balancer's own: a backend's would pass for them, in the
+# client's eyes, the access log and the metrics.
+REPLACED_RESPONSE_HEADERS = frozenset({"date", "server", "x-upstream", "x-request-id"})
 NO_RETRIES = urllib3.Retry(False)
 # Bodies whose length is known and at most this big are read in one go;
 # larger or unknown ones are streamed to the client in chunks of this size.
@@ -100,7 +102,8 @@ def upstream_request_headers(headers: Iterable[tuple[str, str]], *, backend: Bac
 
 
 def client_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The backend's response headers to pass on: all but hop-by-hop and Date/Server."""
+    """The backend's response headers to pass on: all but hop-by-hop and those the
+    balancer sets itself (REPLACED_RESPONSE_HEADERS)."""
     headers = list(headers)
     skip = hop_by_hop(headers) | REPLACED_RESPONSE_HEADERS
     if any(name.lower() == "transfer-encoding" for name, _ in headers):

@@ -1,11 +1,16 @@
 """A backend that misbehaves on purpose, written on raw sockets (a thread in the test).
 
+Routes go by the first path segment (`/dieafterhead/x` dies too):
+
     /headbig       200 with a chunked body of 200 KB (headers only for HEAD)
     /dieafterhead  a head promising 100000 bytes, then the connection closes
     /diemidbody    a chunked head, 100 KB of body, then the connection closes
     /early         103 Early Hints before the real 200
     /tecl          both Transfer-Encoding: chunked and a (wrong) Content-Length
+    /ownheaders    200 with the backend's own X-Upstream and X-Request-ID
     anything else  200 with the raw request line and headers as the JSON body
+
+Every request it gets is recorded in `requests`: (method, target, headers, body).
 
 ScriptedBackend answers every request alike, as a test sets it (status, delay,
 health check answer), to count what reached each backend.
@@ -16,14 +21,28 @@ import json
 import socket
 import threading
 from http import HTTPStatus
+from typing import NamedTuple
 
 from tests.support import SocketServer
 
 
+class Seen(NamedTuple):
+    """One request as it reached the backend."""
+
+    method: str
+    target: str
+    headers: list[str]
+    body: bytes
+
+
 class RawBackend(SocketServer):
     def __init__(self) -> None:
-        self.seen: list[tuple[str, str, bytes]] = []  # method, target and body of each request
+        self.seen: list[Seen] = []
         super().__init__()
+
+    @property
+    def requests(self) -> list[Seen]:
+        return self.seen
 
     def handle(self, conn: socket.socket) -> None:
         with conn:
@@ -39,34 +58,39 @@ class RawBackend(SocketServer):
                                if h.lower().startswith("content-length:")), 0)
                 body = reader.read(length)
                 method, target, _ = request_line.decode("latin-1").split(" ", 2)
-                self.seen.append((method, target, body))
+                self.seen.append(Seen(method, target, headers, body))
                 if not self._answer(conn, method, target, headers):
                     return
 
     def _answer(self, conn: socket.socket, method: str, target: str, headers: list[str]) -> bool:
         """Send the answer for `target`; False when the connection must close."""
-        if target == "/headbig":
+        route = "/" + target.lstrip("/").split("/", 1)[0].split("?", 1)[0]
+        if route == "/headbig":
             conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
             if method != "HEAD":
                 chunk = b"x" * 20_000
                 conn.sendall(b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(10))
                              + b"0\r\n\r\n")
             return True
-        if target == "/dieafterhead":
+        if route == "/dieafterhead":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
             return False
-        if target == "/diemidbody":
+        if route == "/diemidbody":
             chunk = b"y" * 50_000
             conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                          + b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2)
             return False
-        if target == "/early":
+        if route == "/early":
             conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
                          b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             return True
-        if target == "/tecl":
+        if route == "/tecl":
             conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n"
                          b"a\r\n0123456789\r\n0\r\n\r\n")
+            return True
+        if route == "/ownheaders":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Upstream: 203.0.113.9:80\r\n"
+                         b"X-Request-ID: from-the-backend\r\nContent-Length: 2\r\n\r\nok")
             return True
         body = json.dumps({"method": method, "target": target, "headers": headers}).encode()
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
@@ -85,8 +109,8 @@ class ScriptedBackend(RawBackend):
         super().__init__()
 
     @property
-    def requests(self) -> list[tuple[str, str, bytes]]:
-        return [seen for seen in self.seen if seen[1] != "/health"]
+    def requests(self) -> list[Seen]:
+        return [seen for seen in self.seen if seen.target != "/health"]
 
     def close(self) -> None:
         self._closed.set()  # frees the threads of hung requests

@@ -6,7 +6,7 @@ import io
 import pytest
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from apps.body import ClientGone, RequestBody
+from apps.body import ClientGone, RequestBody, foreign_codings
 
 
 def environ(data: bytes, *, length: int | None = None, chunked: bool = False,
@@ -85,3 +85,11 @@ def test_a_read_error_is_the_clients_not_the_backends():
     with pytest.raises(ClientGone) as caught:
         RequestBody.read(environ(b"", length=10, stream=Broken()), limit=100, buffer=100)
     assert not isinstance(caught.value, OSError)  # urllib3 would blame the backend
+
+
+@pytest.mark.parametrize("value, foreign", [
+    ("chunked", []), ("Chunked", []), ("gzip, chunked", ["gzip"]),
+    ("GZIP,\tChunked", ["gzip"]), ("identity , chunked", ["identity"]), ("", []),
+])
+def test_transfer_codings_other_than_chunked_are_found(value, foreign):
+    assert foreign_codings(value) == foreign

@@ -2,20 +2,24 @@
 
 The echo app is fuzzed through Flask's test client; the balancer through raw
 sockets against real Gunicorn processes, so Gunicorn's own parser is in the way
-too. Neither may ever answer 500, and no balancer worker may die.
+too. Neither may ever answer 500, and no balancer worker may die. And the
+balancer is no open proxy: whatever target, Host or X-Forwarded-* a request
+names, it reaches the one configured backend or is refused.
 """
 from __future__ import annotations
 
 import json
 import socket
 import string
+import uuid
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from apps.echo import create_app as create_echo
-from tests.support import start_balancer, start_echo
+from tests.rawbackend import RawBackend
+from tests.support import SocketServer, start_balancer, start_echo
 
 TOKEN = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
 methods = st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS",
@@ -126,3 +130,85 @@ def test_no_balancer_worker_died_while_fuzzed(balancer):
     log = proc.output()
     assert log.count("Booting worker") == 2, log[-3000:]
     assert "Traceback" not in log and "WORKER TIMEOUT" not in log
+
+
+class Decoy(SocketServer):
+    """A listener no request may ever reach: it counts the connections it gets."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        self.connections += 1  # before the close, which whoever connected waits for
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def guarded(redis_server, tmp_path_factory):
+    """A balancer whose one backend records every request, beside decoy listeners."""
+    log_dir = tmp_path_factory.mktemp("guarded")
+    backend, decoys = RawBackend(), [Decoy() for _ in range(3)]
+    # No health checks: every request the backend records is a client's.
+    proc, url, admin = start_balancer([backend.url], redis_server, log_dir, workers=2, threads=4,
+                                      name="proxy-guarded", env={"LB_CHECK_INTERVAL_S": "0"})
+    yield int(url.rsplit(":", 1)[1]), backend, decoys, admin
+    proc.stop()
+    for server in (backend, *decoys):
+        server.close()
+    assert "Traceback" not in proc.output()
+
+
+# Headers that proxies read to decide, or to report, where a request goes.
+FORWARDING = ["X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-Port",
+              "X-Forwarded-Server", "X-Forwarded-Prefix", "Forwarded", "X-Real-IP",
+              "X-Original-URL", "X-Rewrite-URL", "X-Host"]
+
+
+def elsewhere(decoys, admin: str):
+    """Addresses a request could try to reach: the decoys, the admin listener, others."""
+    ports = [d.port for d in decoys] + [int(admin.rsplit(":", 1)[1])]
+    local = st.sampled_from([f"{host}:{port}" for port in ports
+                             for host in ("127.0.0.1", "localhost", "[::1]", "0.0.0.0")])
+    return local | st.sampled_from(["169.254.169.254", "10.0.0.1:6379", "example.com"]) | st.text(
+        string.ascii_lowercase + string.digits + ".-:[]", min_size=1, max_size=20)
+
+
+def targets(authority):
+    path = st.text(path_chars, max_size=30).map(lambda p: "/" + p)
+    scheme = st.sampled_from(["http", "https", "HTTP", "ws", "ftp"])
+    return (st.builds("{}://{}{}".format, scheme, authority, path | st.just(""))
+            | st.builds("//{}{}".format, authority, path)
+            | authority | path | st.just("*"))
+
+
+@pytest.mark.e2e
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_every_request_reaches_the_one_backend_or_is_refused(guarded, data):
+    port, backend, decoys, admin = guarded
+    authority = elsewhere(decoys, admin)
+    method = data.draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS",
+                                        "PATCH", "CONNECT"]), "method")
+    target = data.draw(targets(authority), "target")
+    host = data.draw(st.none() | authority | header_values, "host")
+    forwarding = data.draw(st.lists(st.tuples(st.sampled_from(FORWARDING),
+                                              authority | header_values), max_size=4), "headers")
+    mark = uuid.uuid4().hex
+    lines = [f"{method} {target} HTTP/1.1", *([f"Host: {host}"] if host is not None else []),
+             *(f"{name}: {value}" for name, value in forwarding),
+             f"X-Fuzz-Mark: {mark}", "Content-Length: 0", "Connection: close"]
+    before, reached = len(backend.requests), [d.connections for d in decoys]
+    reply = raw_exchange(port, "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n")
+    status, seen = status_of(reply), backend.requests[before:]
+    assert [d.connections for d in decoys] == reached, "a decoy was reached"
+    if method == "CONNECT":  # never a tunnel, nor forwarded: 405, or Gunicorn's 400
+        assert status in (400, 405), reply[:300]
+    if status is not None and 400 <= status < 500:
+        # Gunicorn's or the app's own refusal: a relayed answer would name its upstream.
+        assert seen == [] and b"\r\nX-Upstream:" not in reply.partition(b"\r\n\r\n")[0]
+    else:
+        assert status == 200, reply[:300]
+        assert len(seen) == 1 and f"X-Fuzz-Mark: {mark}" in seen[0][2]
+        assert f"X-Upstream: {backend.url.removeprefix('http://')}\r\n".encode() in reply

@@ -92,3 +92,8 @@ def test_expect_is_not_forwarded():
 def test_a_chunked_answer_loses_its_content_length():
     assert client_response_headers([("Transfer-Encoding", "chunked"), ("Content-Length", "5"),
                                     ("X-A", "1")]) == [("X-A", "1")]
+
+
+def test_the_balancers_own_response_headers_are_dropped_from_the_backends():
+    backends = [("X-Upstream", "203.0.113.9:80"), ("x-request-id", "b-1"), ("X-Upstream-Id", "k")]
+    assert client_response_headers(backends) == [("X-Upstream-Id", "k")]
