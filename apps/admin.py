@@ -39,15 +39,11 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from apps import metrics
 from apps.errors import json_error, register_json_errors
-<<<<<<< HEAD
+from apps.logs import log_through_gunicorn
 from scorer.members import (
     ACTIVE, DRAINING, LastBackendError, Member, check_still_serving, check_weight, new_member,
     state_file_for, with_change,
 )
-=======
-from apps.logs import log_through_gunicorn
-from scorer.members import ACTIVE, DRAINING, Member, check_weight, new_member
->>>>>>> req
 from scorer.pool import Pool
 from scorer.settings import Settings, load_settings
 from scorer.store import describe
