@@ -16,7 +16,10 @@ from tests.support import SocketServer
 
 
 class RawBackend(SocketServer):
+    connections = 0  # accepted so far: a test can tell it was never reached
+
     def handle(self, conn: socket.socket) -> None:
+        self.connections += 1
         with conn:
             reader = conn.makefile("rb")
             while True:  # keep-alive: one request after another
