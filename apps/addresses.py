@@ -14,11 +14,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
-from typing import Any
-
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.exceptions import NameResolutionError, NewConnectionError
-from urllib3.util.connection import allowed_gai_family
 
 from scorer.settings import Backend, Network, Settings, SettingsError, address_in, is_ip
 
@@ -76,48 +71,51 @@ class AddressPolicy:
                 raise SettingsError("LB_BACKENDS", str(exc)) from None
 
 
-class AddressRefused(NewConnectionError):
-    """No address of the backend's host may be connected to; `reason` says why."""
+class AddressRefused(OSError):
+    """No address of a backend's host may be connected to; the message says why.
 
-    def __init__(self, conn: Any, reason: str) -> None:
-        super().__init__(conn, f"refused by the address policy: {reason}")
-        self.reason = reason
-
-
-class _Guarded:
-    """Mixed into urllib3's connection classes: resolve, keep allowed addresses, connect.
-
-    Only the socket goes to the address; `host` stays the name, so TLS SNI and
-    the certificate check still use it.
+    Raised as the cause of urllib3's NewConnectionError, so that the attempt
+    counts as a refused connection.
     """
-
-    policy: AddressPolicy
-
-    def _new_conn(self) -> socket.socket:
-        name, port = self._dns_host, self.port  # type: ignore[attr-defined]
-        try:
-            found = socket.getaddrinfo(name.strip("[]"), port, allowed_gai_family(),
-                                       socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise NameResolutionError(self.host, self, exc) from exc  # type: ignore[attr-defined]
-        reasons = {ip: self.policy.refusal(ip, port)
-                   for ip in dict.fromkeys(info[4][0] for info in found)}
-        allowed = [ip for ip, reason in reasons.items() if reason is None]
-        if not allowed:
-            raise AddressRefused(self, "; ".join(filter(None, reasons.values())))
-        error: NewConnectionError | None = None
-        for ip in allowed:
-            self._dns_host = ip  # what urllib3 connects to; restored before TLS starts
-            try:
-                return super()._new_conn()  # type: ignore[misc]
-            except NewConnectionError as exc:  # refused: the next address may answer
-                error = exc  # (a timeout is not caught: it ends the attempt)
-            finally:
-                self._dns_host = name
-        raise error  # type: ignore[misc]
 
 
 def guarded_connections(policy: AddressPolicy) -> dict[str, type]:
     """urllib3 connection classes, by scheme, that connect only where `policy` allows."""
-    return {scheme: type(f"Guarded{base.__name__}", (_Guarded, base), {"policy": policy})
+    # urllib3 is imported here rather than at the top: the Gunicorn master (the
+    # start-up check, the admin listener) needs only the policy, and every import
+    # there delays the workers' start.
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.exceptions import NameResolutionError, NewConnectionError
+    from urllib3.util.connection import allowed_gai_family
+
+    class Guarded:
+        """Resolve, keep the allowed addresses, connect to those in turn. Only the
+        socket goes to the address: `host` stays the name, for TLS SNI and the
+        certificate check."""
+
+        def _new_conn(self) -> socket.socket:
+            name, port = self._dns_host, self.port  # type: ignore[attr-defined]
+            try:
+                found = socket.getaddrinfo(name.strip("[]"), port, allowed_gai_family(),
+                                           socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise NameResolutionError(self.host, self, exc) from exc  # type: ignore
+            reasons = {ip: policy.refusal(ip, port)
+                       for ip in dict.fromkeys(info[4][0] for info in found)}
+            allowed = [ip for ip, reason in reasons.items() if reason is None]
+            if not allowed:
+                why = "; ".join(filter(None, reasons.values()))
+                raise NewConnectionError(self, why) from AddressRefused(why)
+            error: NewConnectionError | None = None
+            for ip in allowed:
+                self._dns_host = ip  # what urllib3 connects to; restored before TLS starts
+                try:
+                    return super()._new_conn()  # type: ignore[misc]
+                except NewConnectionError as exc:  # refused: the next address may answer
+                    error = exc  # (a timeout is not caught: it ends the attempt)
+                finally:
+                    self._dns_host = name
+            raise error  # type: ignore[misc]
+
+    return {scheme: type(f"Guarded{base.__name__}", (Guarded, base), {})
             for scheme, base in (("http", HTTPConnection), ("https", HTTPSConnection))}

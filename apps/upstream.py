@@ -138,8 +138,8 @@ class UpstreamError(Exception):
 def classify(exc: HTTPError) -> UpstreamError:
     """Turn a urllib3 failure into an UpstreamError of the right kind."""
     # NewConnectionError subclasses ConnectTimeoutError, so it is tested first.
-    if isinstance(exc, AddressRefused):
-        return UpstreamError(CONNECT, f"refused by the address policy: {exc.reason}",
+    if isinstance(exc.__cause__, AddressRefused):
+        return UpstreamError(CONNECT, f"refused by the address policy: {exc.__cause__}",
                              delivered=False)
     if isinstance(exc, NewConnectionError):
         return UpstreamError(CONNECT, "connection refused or unreachable", delivered=False)
