@@ -65,7 +65,6 @@ limit_request_fields = 100
 limit_request_field_size = 8190
 
 
-
 def _trusted_proxies() -> str:
     """LB_TRUSTED_PROXIES, if valid (else on_starting stops with its one-line error)."""
     from scorer.settings import parse_networks
@@ -76,8 +75,8 @@ def _trusted_proxies() -> str:
 
 
 # Peers whose X-Forwarded-Proto may set the request scheme: by default the
-# balancer's LB_TRUSTED_PROXIES, so that Gunicorn and the balancer trust the
-# same proxies (none unless set); FORWARDED_ALLOW_IPS overrides it.
+# balancer's LB_TRUSTED_PROXIES (none unless set), so that Gunicorn and the
+# balancer trust the same proxies; FORWARDED_ALLOW_IPS overrides it.
 forwarded_allow_ips = _env("FORWARDED_ALLOW_IPS", None)
 if forwarded_allow_ips is None:
     forwarded_allow_ips = _trusted_proxies()

@@ -29,7 +29,7 @@ def is_local(ip: str) -> bool:
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         try:
-            probe.bind((ip, 0))
+            probe.bind((str(address), 0))
         except OSError:
             return False
     return True

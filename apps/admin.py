@@ -39,10 +39,10 @@ from flask import Flask, Response, abort, jsonify, request
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from apps import metrics
+from apps.addresses import AddressPolicy
 from apps.errors import json_error, register_json_errors
 from scorer.members import ACTIVE, DRAINING, Member, check_weight, new_member
 from scorer.pool import Pool
-from apps.addresses import AddressPolicy
 from scorer.settings import Settings, load_settings, quoted
 
 log = logging.getLogger("lb.admin")

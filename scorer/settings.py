@@ -222,8 +222,8 @@ REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 
 def parse_redis_url(raw: str) -> str:
     if urlsplit(raw).scheme not in REDIS_SCHEMES:
-        raise ValueError(f"{quoted(raw)} must be a redis://, rediss://, unix://, redis+cluster:// or "
-                         "rediss+cluster:// URL")
+        raise ValueError(f"{quoted(raw)} must be a redis://, rediss://, unix://, "
+                         "redis+cluster:// or rediss+cluster:// URL")
     return raw
 
 

@@ -60,6 +60,7 @@ def test_a_backend_on_the_balancers_own_port_is_refused_at_start_up(backend, set
 def test_any_address_of_this_machine_counts_as_its_own():
     address = own_address()
     assert is_local(address) and is_local("127.0.0.1") and not is_local("203.0.113.9")
+    assert is_local(f"::ffff:{address}")  # IPv4-mapped: the same address
     if address != "127.0.0.1":
         assert "own LB_PORT" in refusal(f"http://{address}:8000")
 
