@@ -64,9 +64,22 @@ limit_request_line = 4094
 limit_request_fields = 100
 limit_request_field_size = 8190
 
-# Trust no client's X-Forwarded-* to set the request scheme; set this to the
-# address of a TLS terminator in front of the balancer if there is one.
-forwarded_allow_ips = _env("FORWARDED_ALLOW_IPS", "")
+
+def _trusted_proxies() -> str:
+    """LB_TRUSTED_PROXIES, if valid (else on_starting stops with its one-line error)."""
+    from scorer.settings import parse_networks
+    try:
+        return ",".join(str(n) for n in parse_networks(_env("LB_TRUSTED_PROXIES", "")))
+    except ValueError:
+        return ""
+
+
+# Peers whose X-Forwarded-Proto may set the request scheme: by default the
+# balancer's LB_TRUSTED_PROXIES (none unless set), so that Gunicorn and the
+# balancer trust the same proxies; FORWARDED_ALLOW_IPS overrides it.
+forwarded_allow_ips = _env("FORWARDED_ALLOW_IPS", None)
+if forwarded_allow_ips is None:
+    forwarded_allow_ips = _trusted_proxies()
 
 # Gunicorn 25+ opens a control socket at one fixed path per user; four servers
 # from one Procfile would fight over it.
@@ -108,9 +121,11 @@ def on_starting(server):
             sys.exit(2)
     if not _is_balancer(server):
         return
+    from apps.addresses import AddressPolicy
     from scorer.settings import SettingsError, load_settings
     try:
-        load_settings()
+        settings = load_settings()
+        AddressPolicy.of(settings).check_settings(settings)
     except SettingsError as exc:
         print(f"lb: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import json
 import logging
 import os
 import threading
@@ -38,6 +39,7 @@ from flask import Flask, Response, abort, jsonify, request
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from apps import metrics
+from apps.addresses import AddressPolicy
 from apps.errors import json_error, register_json_errors
 from apps.logs import log_through_gunicorn
 from scorer.members import (
@@ -45,10 +47,16 @@ from scorer.members import (
     state_file_for, with_change,
 )
 from scorer.pool import Pool
-from scorer.settings import Settings, load_settings
+from scorer.settings import Settings, load_settings, quoted
 from scorer.store import describe
 
 log = logging.getLogger("lb.admin")
+
+# Admin bodies hold a URL and a weight. Larger ones get 413 before anything is
+# parsed, and nesting is capped before json.loads, which a deep enough
+# document would send into a RecursionError.
+MAX_BODY = 64 * 1024
+MAX_JSON_DEPTH = 20
 
 
 def redacted(url: str) -> str:
@@ -73,6 +81,8 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     runtime_dir = os.environ.get("LB_RUNTIME_DIR")
     app = Flask(__name__, static_folder=None)
     app.json.sort_keys = False
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    addresses = AddressPolicy.of(settings)
     register_json_errors(app, source="admin")
 
     @app.errorhandler(redis.RedisError)
@@ -136,7 +146,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     def known(members: Sequence[Member], backend_id: str) -> Member:
         member = next((m for m in members if m.id == backend_id), None)
         if member is None:
-            abort(404, f"no backend {backend_id!r} in this pool")
+            abort(404, f"no backend {quoted(backend_id)} in this pool")
         return member
 
     def members_reply(status: int = 200) -> tuple[Response, int]:
@@ -157,11 +167,12 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     @app.post("/backends")
     def add_backend() -> Response:
         def add() -> Response:
-            data = request.get_json(silent=True)
+            data = json_body()
             if not isinstance(data, dict) or not isinstance(data.get("url"), str):
                 abort(400, 'expected JSON {"url": "http://host:port", "weight": 1}')
             try:
                 member = new_member(data["url"], data.get("weight", 1))
+                addresses.check(member.backend)
             except ValueError as exc:
                 abort(400, str(exc))
 
@@ -209,7 +220,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
     @app.put("/backends/<backend_id>/weight")
     def weight(backend_id: str) -> Response:
         def set_weight() -> Response:
-            data = request.get_json(silent=True)
+            data = json_body()
             try:
                 value = check_weight(data.get("weight") if isinstance(data, dict) else None)
             except ValueError as exc:
@@ -227,6 +238,42 @@ def create_app(config: Mapping[str, Any] | None = None, *,
         return changing(do_reset)
 
     return app
+
+
+def json_body() -> Any:
+    """The request's JSON document, or None when it is not JSON; 413 past MAX_BODY
+    (Flask's MAX_CONTENT_LENGTH), 400 past MAX_JSON_DEPTH."""
+    if not request.is_json:
+        return None
+    raw = request.get_data()
+    if nested_deeper(raw, MAX_JSON_DEPTH):
+        abort(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def nested_deeper(raw: bytes, limit: int) -> bool:
+    """Whether a JSON text opens more than `limit` arrays or objects at once."""
+    depth, in_string, escaped = 0, False, False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in b"]}":
+            depth -= 1
+    return False
 
 
 def check_token(expected: str, authorization: str) -> Response | None:

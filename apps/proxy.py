@@ -26,8 +26,10 @@ import urllib3
 from flask import Flask, Request, Response, g, request
 
 from apps import metrics
+from apps.addresses import AddressPolicy
 from apps.body import RequestBody, foreign_codings
 from apps.errors import json_error, register_json_errors
+from apps.forwarded import hop_of
 from apps.health import HealthChecker
 from apps.logs import log_through_gunicorn
 from apps.retry import may_retry
@@ -161,8 +163,8 @@ class Forwarder:
         """One try on one backend: its answer, or a Failure to retry or relay."""
         settings = self.settings
         headers = upstream_request_headers(
-            req.headers.items(), backend=backend, client_addr=req.remote_addr or "",
-            scheme=req.scheme, preserve_host=settings.preserve_host)
+            req.headers.items(), backend=backend,
+            hop=hop_of(req.environ, settings.trusted_proxies), preserve_host=settings.preserve_host)
         if request_id:
             headers["X-Request-ID"] = request_id
         length = body.content_length()
@@ -261,6 +263,7 @@ class Forwarder:
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the proxy app. `config` overrides environment settings (see scorer/settings.py)."""
     settings = load_settings(overrides=config)
+    AddressPolicy.of(settings).check_settings(settings)
     app = ProxyFlask(__name__, static_folder=None)
     register_json_errors(app, source=SOURCE)
     log_through_gunicorn()

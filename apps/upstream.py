@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import http.client
+import re
 import threading
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
@@ -27,6 +28,9 @@ from urllib3.exceptions import (
 from urllib3.util import SKIP_HEADER
 from urllib3.util.ssl_match_hostname import CertificateError
 
+from apps import forwarded
+from apps.addresses import AddressPolicy, AddressRefused, guarded_connections
+from apps.forwarded import Hop
 from scorer.pool import CONNECT, PROTOCOL, TIMEOUT
 from scorer.settings import Backend, Settings
 
@@ -38,8 +42,7 @@ HOP_BY_HOP = frozenset({
 # Set afresh by the balancer, so a client cannot forge them (X-Request-ID: the
 # client's is kept if sane, see apps/proxy.py); and Expect, since the balancer
 # has already taken the body (or is streaming it) by then.
-REPLACED_REQUEST_HEADERS = frozenset({"host", "x-forwarded-proto", "x-forwarded-host", "expect",
-                                      "x-request-id"})
+REPLACED_REQUEST_HEADERS = frozenset({"host", "expect", "x-request-id"}) | forwarded.OWNED
 # The balancer's own server sends these; forwarding the backend's would
 # duplicate them (as nginx's proxy_hide_header does by default). X-Upstream and
 # X-Request-ID are the balancer's own: a backend's would pass for them, in the
@@ -74,27 +77,38 @@ def request_target(raw_uri: str) -> str:
     return f"{target}?{parts.query}" if parts.query else target
 
 
+# A cookie value holds no comma (RFC 6265 4.1.1): a comma before the next
+# `name=` is where Gunicorn joined repeated Cookie lines, and servers expect
+# those joined with "; " (RFC 9113 8.2.3). Other commas (a non-conforming
+# value) are left alone.
+_JOINED_COOKIES = re.compile(rf",\s*(?={forwarded.TOKEN.pattern}=)")
+
+
+def cookie_header(value: str) -> str:
+    """A Cookie header as Gunicorn passed it, with repeated lines joined by "; "."""
+    return _JOINED_COOKIES.sub("; ", value)
+
+
 def upstream_request_headers(headers: Iterable[tuple[str, str]], *, backend: Backend,
-                             client_addr: str, scheme: str,
-                             preserve_host: bool) -> dict[str, str]:
-    """The headers to send upstream: the client's minus hop-by-hop, plus X-Forwarded-*."""
+                             hop: Hop, preserve_host: bool) -> dict[str, str]:
+    """The headers to send upstream: the client's minus hop-by-hop, plus the
+    balancer's own X-Forwarded-*, X-Real-IP and Forwarded (apps/forwarded.py)."""
     headers = list(headers)
     skip = hop_by_hop(headers) | REPLACED_REQUEST_HEADERS
+    if not hop.trusted:
+        skip = skip | forwarded.SCHEME_CLAIMS
     out: dict[str, str] = {}
-    client_host = ""
+    sent: dict[str, str] = {}
     for name, value in headers:
         lower = name.lower()
-        if lower == "host":
-            client_host = value
+        if lower in forwarded.OWNED or lower == "host":
+            sent[lower] = value
         if lower in skip:
             continue
-        # A WSGI server has already joined repeated request headers with ", ".
-        out[name] = value
-    forwarded_for = out.pop("X-Forwarded-For", "")
-    out["X-Forwarded-For"] = f"{forwarded_for}, {client_addr}" if forwarded_for else client_addr
-    out["X-Forwarded-Proto"] = scheme
-    if client_host:
-        out["X-Forwarded-Host"] = client_host
+        # Gunicorn has already joined repeated request headers with ",".
+        out[name] = cookie_header(value) if lower == "cookie" else value
+    client_host = sent.get("host", "")
+    out.update(forwarded.forwarded_headers(sent, hop, client_host))
     default_port = 443 if backend.scheme == "https" else 80
     own_host = backend.netloc_host if backend.port == default_port else backend.id
     out["Host"] = client_host if preserve_host and client_host else own_host
@@ -148,6 +162,9 @@ def open_connection(conn: HTTPConnection, timeout: urllib3.Timeout) -> None:
         conn.connect()
     # NewConnectionError subclasses ConnectTimeoutError, so it is tested first.
     except NewConnectionError as exc:
+        if isinstance(exc.__cause__, AddressRefused):
+            raise UpstreamError(CONNECT, f"refused by the address policy: {exc.__cause__}",
+                                delivered=False) from exc
         raise UpstreamError(CONNECT, "connection refused or unreachable",
                             delivered=False) from exc
     except (ConnectTimeoutError, TimeoutError) as exc:  # TimeoutError: in the handshake
@@ -171,6 +188,7 @@ class Upstreams:
             self._tls["ca_certs"] = settings.tls_ca_file
         if not settings.tls_verify:
             self._tls["assert_hostname"] = False
+        self._connections = guarded_connections(AddressPolicy.of(settings))
         self._lock = threading.Lock()
         self._pools: dict[str, urllib3.HTTPConnectionPool] = {}
         for backend in settings.backends:
@@ -187,6 +205,7 @@ class Upstreams:
                     pool = urllib3.connection_from_url(
                         backend.url, maxsize=self._maxsize, block=False,
                         timeout=self._timeout, retries=False, **tls)
+                    pool.ConnectionCls = self._connections[backend.scheme]
                     self._pools[backend.id] = pool
         return pool
 

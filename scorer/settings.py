@@ -7,6 +7,7 @@ shell and a user must always be able to override a default.
 """
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -42,7 +43,21 @@ class Backend:
         return f"{self.netloc_host}:{self.port}"
 
 
+def quoted(raw: str, limit: int = 100) -> str:
+    """`raw` as an error message quotes it: repr'd, and cut to `limit` characters,
+    so that a huge input is never echoed back whole."""
+    if len(raw) <= limit:
+        return repr(raw)
+    return f"{raw[:limit]!r}... ({len(raw)} characters)"
+
+
 # --- parsers: each turns one raw string into a value or raises ValueError ---
+
+# A host name: letters, digits, '.', '-' and '_' (as in container names). IP
+# literals are checked by ipaddress; anything else (spaces, braces,
+# backslashes...) means a typo or an attempt to smuggle something in.
+_HOST_NAME = re.compile(r"[a-z0-9_.-]{1,253}")
+
 
 def parse_backends(raw: str) -> tuple[Backend, ...]:
     backends = []
@@ -53,13 +68,18 @@ def parse_backends(raw: str) -> tuple[Backend, ...]:
             parts = urlsplit(item)
             port = parts.port
         except ValueError:
-            raise ValueError(f"{item!r} is not a valid URL") from None
+            raise ValueError(f"{quoted(item)} is not a valid URL") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{item!r} must be an http:// or https:// URL with a host")
+            raise ValueError(f"{quoted(item)} must be an http:// or https:// URL with a host")
         if parts.username or parts.password or parts.query or parts.fragment:
-            raise ValueError(f"{item!r} must not carry credentials, a query or a fragment")
+            raise ValueError(f"{quoted(item)} must not carry credentials, a query or a fragment")
         if parts.path not in ("", "/"):
-            raise ValueError(f"{item!r} must not have a path")
+            raise ValueError(f"{quoted(item)} must not have a path")
+        if not _HOST_NAME.fullmatch(parts.hostname) and not is_ip(parts.hostname):
+            raise ValueError(f"{quoted(item)} has an invalid host name "
+                             "(letters, digits, '.', '-', '_', or an IP address)")
+        if port == 0:  # urlsplit reads ':0' as 0, which `or` below would turn into 80
+            raise ValueError(f"{quoted(item)} has port 0, which is not a TCP port")
         port = port or (443 if parts.scheme == "https" else 80)
         backends.append(Backend(f"{parts.scheme}://{parts.netloc}", parts.scheme,
                                 parts.hostname, port))
@@ -72,13 +92,51 @@ def parse_backends(raw: str) -> tuple[Backend, ...]:
     return tuple(backends)
 
 
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(raw: str) -> tuple[Network, ...]:
+    """Comma-separated networks in CIDR notation (`10.0.0.0/8`); a bare address is /32 or /128."""
+    networks = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part))  # strict, like Gunicorn's own check
+        except ValueError as exc:
+            # ipaddress's own message repeats the whole input: only its gist is kept.
+            why = ": its host bits are set" if "host bits set" in str(exc) else ""
+            raise ValueError(f"{quoted(part)} is not a network such as 10.0.0.0/8{why}") \
+                from None
+    return tuple(networks)
+
+
+def address_in(ip: str, networks: tuple[Network, ...]) -> bool:
+    """Whether `ip` lies in one of `networks`; an IPv4-mapped IPv6 address counts as IPv4."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
 def parse_seconds(raw: str) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{raw!r} is not a number of seconds") from None
+        raise ValueError(f"{quoted(raw)} is not a number of seconds") from None
     if not 0 < value < 86400:
-        raise ValueError(f"{raw!r} must be more than 0 and less than a day")
+        raise ValueError(f"{quoted(raw)} must be more than 0 and less than a day")
     return value
 
 
@@ -93,16 +151,16 @@ def number(low: float, high: float = math.inf, *, integer: bool = False,
         try:
             value = int(raw) if integer else float(raw)
         except ValueError:
-            raise ValueError(f"{raw!r} is not {kind}") from None
+            raise ValueError(f"{quoted(raw)} is not {kind}") from None
         if not (math.isfinite(value) and low <= value <= high) or (low_open and value == low):
-            raise ValueError(f"{raw!r} must be {bounds}")
+            raise ValueError(f"{quoted(raw)} must be {bounds}")
         return value
     return parse
 
 
 def parse_port(raw: str) -> int:
     if not raw.strip().isdigit() or not 0 < int(raw) < 65536:
-        raise ValueError(f"{raw!r} is not a TCP port (1-65535)")
+        raise ValueError(f"{quoted(raw)} is not a TCP port (1-65535)")
     return int(raw)
 
 
@@ -114,7 +172,7 @@ def parse_size(raw: str) -> int:
     """Parse a byte count: `1048576`, `512k`, `10m`, `1g` (binary units)."""
     match = _SIZE.match(raw)
     if not match:
-        raise ValueError(f"{raw!r} is not a size in bytes (e.g. 1048576, 512k, 10m)")
+        raise ValueError(f"{quoted(raw)} is not a size in bytes (e.g. 1048576, 512k, 10m)")
     return int(match[1]) * _SIZE_UNITS[match[2].lower()]
 
 
@@ -124,13 +182,13 @@ def parse_bool(raw: str) -> bool:
         return True
     if value in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"{raw!r} is not a boolean (1/0, true/false, yes/no, on/off)")
+    raise ValueError(f"{quoted(raw)} is not a boolean (1/0, true/false, yes/no, on/off)")
 
 
 def parse_choice(*choices: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         if raw not in choices:
-            raise ValueError(f"{raw!r} is not one of: {', '.join(choices)}")
+            raise ValueError(f"{quoted(raw)} is not one of: {', '.join(choices)}")
         return raw
     return parse
 
@@ -141,21 +199,21 @@ def parse_statuses(raw: str) -> frozenset[int]:
         if not part:
             continue
         if not part.isdigit() or not 500 <= int(part) <= 599:
-            raise ValueError(f"{part!r} is not a 5xx status")
+            raise ValueError(f"{quoted(part)} is not a 5xx status")
         statuses.add(int(part))
     return frozenset(statuses)
 
 
 def parse_path(raw: str) -> str:
     if not raw.startswith("/") or any(c.isspace() for c in raw):
-        raise ValueError(f"{raw!r} must be a path starting with '/', without spaces")
+        raise ValueError(f"{quoted(raw)} must be a path starting with '/', without spaces")
     return raw
 
 
 def parse_pool_name(raw: str) -> str:
     # The name sits inside a Redis Cluster hash tag, so braces would break it.
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", raw):
-        raise ValueError(f"{raw!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        raise ValueError(f"{quoted(raw)} must be 1-64 letters, digits, '_', '.' or '-'")
     return raw
 
 
@@ -164,8 +222,8 @@ REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 
 def parse_redis_url(raw: str) -> str:
     if urlsplit(raw).scheme not in REDIS_SCHEMES:
-        raise ValueError(f"{raw!r} must be a redis://, rediss://, unix://, redis+cluster:// or "
-                         "rediss+cluster:// URL")
+        raise ValueError(f"{quoted(raw)} must be a redis://, rediss://, unix://, "
+                         "redis+cluster:// or rediss+cluster:// URL")
     return raw
 
 
@@ -195,6 +253,10 @@ TABLE: tuple[Setting, ...] = (
             parse_backends, "URLs",
             "Comma-separated backend base URLs (scheme, host, port; no path). "
             "The default is the Procfile's three echo instances."),
+    Setting("LB_BACKEND_NETWORKS", "", parse_networks, "CIDRs",
+            "Comma-separated networks backends must be in (`10.0.0.0/8,192.168.1.5`), "
+            "checked when a backend is added and on every new connection, where a host "
+            "name's addresses outside them are never connected to. Unset: any address."),
     Setting("LB_STRATEGY", "scored", parse_choice(*STRATEGIES), "name",
             "`scored`: round robin that skips blocked backends (the scorer below). "
             "`round_robin`: plain round robin, the baseline; scores are still kept and shown."),
@@ -251,6 +313,11 @@ TABLE: tuple[Setting, ...] = (
             "a file path to append to, or `off`."),
     Setting("LB_PRESERVE_HOST", "0", parse_bool, "bool",
             "Send the client's `Host` header upstream instead of the backend's own."),
+    Setting("LB_TRUSTED_PROXIES", "", parse_networks, "CIDRs",
+            "Comma-separated networks of proxies in front of the balancer: from them "
+            "`X-Forwarded-*`, `X-Real-IP` and `Forwarded` are kept and appended to; from "
+            "any other client they are replaced. Also Gunicorn's `FORWARDED_ALLOW_IPS` "
+            "unless that is set. Unset: no one is trusted."),
     Setting("LB_POOL", "default", parse_pool_name, "name",
             "Name of the pool's state in Redis (keys `lb:{<pool>}:...`); balancers "
             "with the same name and Redis share one cursor."),
@@ -360,6 +427,7 @@ class Settings:
     """The validated settings, one attribute per row of `TABLE`."""
 
     backends: tuple[Backend, ...]
+    backend_networks: tuple[Network, ...]
     strategy: str
     host: str
     port: int
@@ -381,6 +449,7 @@ class Settings:
     max_inflight: int
     access_log: str
     preserve_host: bool
+    trusted_proxies: tuple[Network, ...]
     pool: str
     state_dir: str
     redis_port: int

@@ -36,6 +36,8 @@ class Seen(NamedTuple):
 
 
 class RawBackend(SocketServer):
+    connections = 0  # accepted so far: a test can tell it was never reached
+
     def __init__(self) -> None:
         self.seen: list[Seen] = []
         super().__init__()
@@ -45,6 +47,7 @@ class RawBackend(SocketServer):
         return self.seen
 
     def handle(self, conn: socket.socket) -> None:
+        self.connections += 1
         with conn:
             reader = conn.makefile("rb")
             while True:  # keep-alive: one request after another

@@ -6,7 +6,7 @@ import logging
 import fakeredis
 import pytest
 
-from apps.admin import create_app, redacted
+from apps.admin import MAX_BODY, create_app, nested_deeper, redacted
 from scorer.pool import Outcome, Pool
 from scorer.settings import load_settings
 
@@ -187,3 +187,59 @@ def test_the_last_backend_that_can_serve_is_never_taken_away():
                        headers=AUTH).status_code == 201
     assert client.post("/backends/127.0.0.1:9003/drain", headers=AUTH).status_code == 200
     assert client.delete("/backends/127.0.0.1:9003", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("http://127.0.0.1:8000", "own LB_PORT"),
+    ("http://[::1]:8001", "own LB_ADMIN_PORT"),
+    ("http://127.0.0.1:0", "port 0"),
+    ("http://a b:80", "invalid host name"),
+    ("http://{a}:80", "invalid host name"),
+    ("http://a\\b:80", "invalid host name"),
+])
+def test_adding_a_backend_that_would_loop_or_is_malformed_is_refused(url, reason):
+    client, pool = make_admin()
+    response = client.post("/backends", json={"url": url}, headers=AUTH)
+    assert response.status_code == 400 and reason in response.get_json()["error"]
+    assert len(pool.members) == 3
+
+
+def test_adding_a_backend_outside_the_allowed_networks_is_refused():
+    config = {"LB_ADMIN_TOKEN": TOKEN, "LB_BACKEND_NETWORKS": "127.0.0.0/8"}
+    server = fakeredis.FakeServer()
+    pool = Pool(load_settings(environ={}, overrides=config),
+                redis_factory=lambda: fakeredis.FakeRedis(server=server))
+    client = create_app(config, pool=pool, workers=lambda: [1]).test_client()
+    refused = client.post("/backends", json={"url": "http://169.254.169.254"}, headers=AUTH)
+    assert refused.status_code == 400
+    assert "outside LB_BACKEND_NETWORKS" in refused.get_json()["error"]
+    assert client.post("/backends", json={"url": "http://127.0.0.5:80"},
+                       headers=AUTH).status_code == 201
+
+
+def test_an_admin_body_over_the_cap_gets_413():
+    client, pool = make_admin()
+    body = {"url": "http://127.0.0.1:9004", "pad": "x" * MAX_BODY}
+    response = client.post("/backends", json=body, headers=AUTH)
+    assert response.status_code == 413 and response.is_json
+    assert len(pool.members) == 3
+
+
+@pytest.mark.parametrize("path, method", [("/backends", "POST"),
+                                          ("/backends/127.0.0.1:9001/weight", "PUT")])
+def test_deeply_nested_json_gets_400_not_500(path, method):
+    client, _ = make_admin()
+    deep = "[" * 30_000 + "]" * 30_000  # fits the body cap; json.loads alone would recurse
+    response = client.open(path, method=method, data=deep, content_type="application/json",
+                           headers=AUTH)
+    assert response.status_code == 400 and "nested deeper" in response.get_json()["error"]
+    assert nested_deeper(b'{"a": [[1]], "s": "[[[[[[[[[[[[[[[[[[[[[[[["}', 3) is False
+
+
+def test_errors_never_echo_a_long_input_in_full():
+    client, _ = make_admin()
+    url = "http://" + "a" * 60_000 + ":0"
+    response = client.post("/backends", json={"url": url}, headers=AUTH)
+    assert response.status_code == 400 and len(response.get_data()) < 500
+    missing = client.delete("/backends/" + "b" * 10_000, headers=AUTH)
+    assert missing.status_code == 404 and len(missing.get_data()) < 500

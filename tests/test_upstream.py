@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import pytest
 
+from apps.forwarded import Hop, hop_of
 from apps.upstream import (
-    client_response_headers, hop_by_hop, request_target, upstream_request_headers,
+    client_response_headers, cookie_header, hop_by_hop, request_target, upstream_request_headers,
 )
-from scorer.settings import load_settings
+from scorer.settings import load_settings, parse_networks
 
 BACKEND = load_settings(environ={"LB_BACKENDS": "http://10.0.0.5:9001"}).backends[0]
 
 
-def forward(headers, preserve_host=False, backend=BACKEND):
-    return upstream_request_headers(headers, backend=backend, client_addr="192.0.2.7",
-                                    scheme="http", preserve_host=preserve_host)
+def forward(headers, preserve_host=False, backend=BACKEND, trusted=False, peer="192.0.2.7"):
+    return upstream_request_headers(headers, backend=backend,
+                                    hop=Hop(peer, "http", "8000", trusted),
+                                    preserve_host=preserve_host)
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -33,17 +35,64 @@ def test_hop_by_hop_headers_and_those_named_by_connection_are_dropped():
                    ("Transfer-Encoding", "chunked"), ("Upgrade", "h2c"),
                    ("Proxy-Authorization", "Basic x"), ("Proxy-Connection", "keep-alive"),
                    ("Trailer", "X"), ("Accept", "*/*"), ("Content-Type", "application/json")])
-    assert set(out) == {"Accept", "Content-Type", "Host", "X-Forwarded-For",
-                        "X-Forwarded-Proto", "X-Forwarded-Host"}
+    assert set(out) == {"Accept", "Content-Type", "Host", "X-Forwarded-For", "X-Real-IP",
+                        "X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Port", "Forwarded"}
 
 
-def test_forwarded_headers_are_appended_or_replaced():
-    out = forward([("Host", "lb.example:8000"), ("X-Forwarded-For", "198.51.100.1"),
-                   ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "forged")])
-    assert out["X-Forwarded-For"] == "198.51.100.1, 192.0.2.7"
-    assert out["X-Forwarded-Proto"] == "http"
-    assert out["X-Forwarded-Host"] == "lb.example:8000"
+SPOOFED = [("Host", "lb.example:8000"), ("X-Forwarded-For", "198.51.100.1"),
+           ("X-Real-IP", "198.51.100.1"), ("X-Forwarded-Proto", "https"),
+           ("X-Forwarded-Host", "forged"), ("X-Forwarded-Port", "443"),
+           ("Forwarded", "for=198.51.100.1;proto=https"), ("X-Forwarded-Ssl", "on"),
+           ("X-Forwarded-Protocol", "https"), ("X-Forwarded-Scheme", "https")]
+
+
+def test_an_untrusted_clients_forwarding_headers_are_replaced_by_this_hops_view():
+    out = forward(SPOOFED)
+    assert {k: v for k, v in out.items() if k != "Host"} == {
+        "X-Forwarded-For": "192.0.2.7", "X-Real-IP": "192.0.2.7", "X-Forwarded-Proto": "http",
+        "X-Forwarded-Host": "lb.example:8000", "X-Forwarded-Port": "8000",
+        "Forwarded": 'for=192.0.2.7;host="lb.example:8000";proto=http'}
     assert out["Host"] == "10.0.0.5:9001"
+
+
+def test_a_trusted_proxys_forwarding_headers_are_kept_and_appended_to():
+    out = forward(SPOOFED, trusted=True)
+    assert out["X-Forwarded-For"] == "198.51.100.1, 192.0.2.7"
+    assert out["Forwarded"] == ('for=198.51.100.1;proto=https, '
+                                'for=192.0.2.7;host="lb.example:8000";proto=http')
+    assert (out["X-Real-IP"], out["X-Forwarded-Proto"], out["X-Forwarded-Host"],
+            out["X-Forwarded-Port"]) == ("198.51.100.1", "https", "forged", "443")
+    assert out["X-Forwarded-Ssl"] == "on" and out["X-Forwarded-Scheme"] == "https"
+    # A trusted proxy that sent none of them gets this hop's view.
+    assert forward([("Host", "lb")], trusted=True)["X-Forwarded-For"] == "192.0.2.7"
+
+
+def test_forwarded_quotes_ipv6_and_odd_hosts():
+    out = forward([("Host", 'a"b')], peer="2001:db8::7")
+    assert out["Forwarded"] == 'for="[2001:db8::7]";host="a\\"b";proto=http'
+    assert forward([], peer="")["Forwarded"] == "for=unknown;proto=http"
+
+
+def test_trust_is_decided_by_the_peer_address_alone():
+    trusted = parse_networks("10.0.0.0/8,2001:db8::/32")
+    environ = {"REMOTE_ADDR": "10.1.2.3", "SERVER_PORT": "8000"}
+    assert hop_of(environ, trusted) == Hop("10.1.2.3", "http", "8000", True)
+    assert hop_of({**environ, "REMOTE_ADDR": "::ffff:10.1.2.3"}, trusted).trusted
+    assert not hop_of({**environ, "REMOTE_ADDR": "192.0.2.7"}, trusted).trusted
+    assert not hop_of(environ, ()).trusted
+
+
+@pytest.mark.parametrize("joined, expected", [
+    ("a=1,b=2", "a=1; b=2"),              # two Cookie lines, as Gunicorn joins them
+    ("a=1; c=3,b=2", "a=1; c=3; b=2"),
+    ("a=1, b=2", "a=1; b=2"),
+    ("a=1; b=2", "a=1; b=2"),             # one line: unchanged
+    ('p={"x":1,"y":2}', 'p={"x":1,"y":2}'),  # a (non-conforming) comma in a value stays
+    ("list=1,2,3", "list=1,2,3"),
+])
+def test_repeated_cookie_lines_are_joined_with_semicolons(joined, expected):
+    assert cookie_header(joined) == expected
+    assert forward([("Host", "lb"), ("Cookie", joined)])["Cookie"] == expected
 
 
 def test_host_is_the_backends_unless_preserved():
