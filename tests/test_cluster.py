@@ -17,6 +17,8 @@ from scorer.redis_server import server_binary, server_command
 from scorer.settings import load_settings, parse_backends
 from tests.support import fire, start_balancer, start_echo
 
+pytestmark = pytest.mark.e2e
+
 BACKENDS = "http://127.0.0.1:9001,http://127.0.0.1:9002,http://127.0.0.1:9003"
 
 
@@ -94,7 +96,6 @@ def test_every_script_runs_unchanged_on_the_cluster(cluster, name):
     assert len(keys) >= 5 and len({client.keyslot(key) for key in keys}) == 1
 
 
-@pytest.mark.e2e
 def test_the_balancer_runs_on_the_cluster(cluster, tmp_path):
     echoes = [start_echo(i, tmp_path) for i in range(3)]
     proc, url, admin = start_balancer([u for _, u in echoes], cluster, tmp_path, workers=2)

@@ -11,6 +11,8 @@ from tests.support import (
     BIN, ESTABLISHED, ROOT, free_port, start_balancer, start_echo, tcp_sockets,
 )
 
+pytestmark = pytest.mark.e2e
+
 
 def gunicorn_on(port: int) -> subprocess.CompletedProcess:
     env = {"PATH": str(BIN), "LB_PORT": str(port), "LB_ADMIN_PORT": str(free_port()),

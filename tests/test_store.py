@@ -31,6 +31,7 @@ def own_redis(tmp_path):
         proc.stop()
 
 
+@pytest.mark.e2e
 def test_picks_go_on_while_redis_is_down_and_return_to_it(own_redis, tmp_path, caplog):
     url, procs, start = own_redis
     settings = load_settings(environ={"REDIS_URL": url, "LB_POOL": "s",
@@ -55,6 +56,7 @@ def test_picks_go_on_while_redis_is_down_and_return_to_it(own_redis, tmp_path, c
     assert redis.Redis.from_url(url).hget(pool_key("s"), "cursor") == b"0"
 
 
+@pytest.mark.e2e
 def test_a_hanging_redis_costs_one_short_timeout(own_redis):
     url, procs, _ = own_redis
     settings = load_settings(environ={"REDIS_URL": url, "LB_REDIS_RETRY_S": "0.1",
@@ -70,6 +72,7 @@ def test_a_hanging_redis_costs_one_short_timeout(own_redis):
     wait_for(lambda: not pool.store.degraded, what="back to Redis")
 
 
+@pytest.mark.e2e
 def test_without_degrading_redis_errors_surface(own_redis):
     url, procs, _ = own_redis
     pool = Pool(load_settings(environ={"REDIS_URL": url}), degrade=False)
@@ -87,6 +90,7 @@ def test_a_flushed_script_cache_is_loaded_again_without_degrading(any_redis):
     assert not pool.store.degraded
 
 
+@pytest.mark.e2e
 def test_a_forked_child_does_not_share_its_parents_connection(real_redis):
     pool = Pool(load_settings(environ={"LB_POOL": "fork"}), redis_factory=lambda: real_redis)
     assert pool.pick().port == 9001
@@ -100,6 +104,7 @@ def test_a_forked_child_does_not_share_its_parents_connection(real_redis):
     assert pool.pick().port == 9001  # the parent's connection still reads its own replies
 
 
+@pytest.mark.e2e
 def test_short_lived_threads_give_their_connections_back(real_redis):
     # The admin listener answers each request on a new thread.
     import threading

@@ -11,6 +11,8 @@ from scorer.settings import load_settings
 from tests.support import free_port, gunicorn, spawn, start_balancer
 from tests.tls_relay import TLSRelay
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
@@ -35,7 +37,6 @@ def https_echo(certs, tmp_path_factory):
     proc.stop()
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize("env, status", [
     ({"LB_TLS_CA_FILE": "<ca>"}, 200),  # trusted: the echo answers
     ({}, 502),                          # checked by default: an unknown CA is refused
