@@ -25,6 +25,7 @@ from urllib3.exceptions import (
 )
 from urllib3.util import SKIP_HEADER
 
+from apps import metrics
 from scorer.pool import CONNECT, PROTOCOL, TIMEOUT
 from scorer.settings import Backend, Settings
 
@@ -309,10 +310,12 @@ class InFlight:
     def acquire(self, backend: Backend) -> None:
         with self._lock:
             self._counts[backend.id] = self._counts.get(backend.id, 0) + 1
+        metrics.INFLIGHT.labels(backend.id).inc()
 
     def release(self, backend: Backend) -> None:
         with self._lock:
             self._counts[backend.id] -= 1
+        metrics.INFLIGHT.labels(backend.id).dec()
 
     def count(self, backend: Backend) -> int:
         return self._counts.get(backend.id, 0)
