@@ -47,8 +47,10 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
 ESTABLISHED, LISTEN = "01", "0A"
 
 
-def tcp_sockets(port: int, state: str) -> set[str]:
-    """Inodes of the TCP sockets whose local port is `port`, in `state` (from /proc/net)."""
+def tcp_sockets(port: int, state: str, remote: bool = False) -> set[str]:
+    """Inodes of the TCP sockets whose local (or `remote`) port is `port`, in `state`
+    (from /proc/net)."""
+    column = 2 if remote else 1
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -58,7 +60,7 @@ def tcp_sockets(port: int, state: str) -> set[str]:
             continue
         for line in lines:
             fields = line.split()
-            if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            if fields[3] == state and int(fields[column].rsplit(":", 1)[1], 16) == port:
                 inodes.add(fields[9])
     return inodes
 

@@ -77,6 +77,11 @@ def sockets_of(pid: int) -> set[str]:
     return inodes
 
 
+def connections_from(pid: int, port: int) -> int:
+    """Established TCP connections process `pid` holds to a server on `port`."""
+    return len(sockets_of(pid) & tcp_sockets(port, ESTABLISHED, remote=True))
+
+
 def metric_samples(admin: str) -> dict[str, float]:
     """The balancer's GET /metrics as {'name{labels}': value}."""
     import requests
