@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,7 +149,9 @@ def start_balancer(backends: list[str], redis_url: str, log_dir: Path, *,
     settings = {"LB_BACKENDS": ",".join(backends), "REDIS_URL": redis_url,
                 "LB_STATE_DIR": str(log_dir / "lb-state"),
                 "LB_PORT": str(port), "LB_ADMIN_PORT": str(admin_port),
-                "LB_POOL": f"test-{port}", "GUNICORN_WORKERS": str(workers),
+                # A pool of its own: a port used again later in a session must
+                # not find an earlier stack's cursor, scores or membership in Redis.
+                "LB_POOL": f"test-{port}-{uuid.uuid4().hex[:8]}", "GUNICORN_WORKERS": str(workers),
                 "GUNICORN_THREADS": str(threads), **(env or {})}
     argv = [str(BIN / "gunicorn"), "-c", "gunicorn_conf.py", "apps.proxy:create_app()"]
     proc = spawn(name, argv, settings, log_dir, [port, admin_port])

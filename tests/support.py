@@ -93,13 +93,14 @@ def metric_samples(admin: str) -> dict[str, float]:
     return samples
 
 
-def assert_shares(counts: Mapping[str, int], expected: Mapping[str, int], *admins: str) -> None:
-    """Assert that each backend served exactly its expected count.
+def assert_shares(shares: Mapping[str, int] | set[str], expected: Mapping[str, int] | set[str],
+                  *admins: str) -> None:
+    """Assert that the backends served exactly the expected counts (or set of backends).
 
     Call it while the stack still runs: on failure the message carries each
     balancer's /status (blocks and their reasons, degraded workers), since an
     uneven split on a busy machine is most often a block the logs do not show."""
-    if dict(counts) == dict(expected):
+    if shares == expected:
         return
     import requests
     statuses = []
@@ -109,7 +110,7 @@ def assert_shares(counts: Mapping[str, int], expected: Mapping[str, int], *admin
             statuses.append(f"{admin}/status: {json.dumps(status, indent=1)}")
         except (requests.RequestException, ValueError) as exc:
             statuses.append(f"{admin}/status unavailable: {exc!r}")
-    raise AssertionError("\n".join([f"shares {dict(counts)} != expected {dict(expected)}",
+    raise AssertionError("\n".join([f"shares {shares} != expected {expected}",
                                     *statuses]))
 
 

@@ -71,13 +71,14 @@ def rediss(certs, redis_server):
 
 def test_a_rediss_redis_with_a_trusted_ca(rediss, certs):
     settings = load_settings(environ={"REDIS_URL": rediss, "LB_REDIS_CA_FILE": certs["ca"],
-                                      "LB_POOL": "tls"})
+                                      "LB_POOL": "tls-trusted"})
     pool = Pool(settings, degrade=False)
     assert pool.redis.connection_pool.connection_class.__name__ == "SSLConnection"
     assert [pool.pick().port for _ in range(3)] == [9001, 9002, 9003]
 
 
 def test_a_rediss_redis_with_an_unknown_ca_is_refused(rediss):
-    pool = Pool(load_settings(environ={"REDIS_URL": rediss, "LB_POOL": "tls"}), degrade=False)
+    pool = Pool(load_settings(environ={"REDIS_URL": rediss, "LB_POOL": "tls-unknown"}),
+                degrade=False)
     with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
         pool.pick()
