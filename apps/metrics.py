@@ -13,7 +13,7 @@ import os
 from typing import Iterator
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest,
+    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
 )
 from prometheus_client import multiprocess, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -48,6 +48,9 @@ REQUESTS = Counter("lb_requests_total",
                    "balancer) and status class.", ["backend", "code"])
 RETRIES = Counter("lb_retries_total", "Retries made on another backend.")
 BLOCKS = Counter("lb_blocks_total", "Blocks started by this balancer's reports.", ["backend"])
+# livesum: the live workers' counts added up; a dead worker's drop out (child_exit).
+INFLIGHT = Gauge("lb_upstream_inflight", "Requests under way to each backend, all workers.",
+                 ["backend"], multiprocess_mode="livesum")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

@@ -28,7 +28,7 @@ from urllib3.exceptions import (
 from urllib3.util import SKIP_HEADER
 from urllib3.util.ssl_match_hostname import CertificateError
 
-from apps import forwarded
+from apps import forwarded, metrics
 from apps.addresses import AddressPolicy, AddressRefused, guarded_connections
 from apps.forwarded import Hop
 from scorer.pool import CONNECT, PROTOCOL, TIMEOUT
@@ -349,10 +349,12 @@ class InFlight:
     def acquire(self, backend: Backend) -> None:
         with self._lock:
             self._counts[backend.id] = self._counts.get(backend.id, 0) + 1
+        metrics.INFLIGHT.labels(backend.id).inc()
 
     def release(self, backend: Backend) -> None:
         with self._lock:
             self._counts[backend.id] -= 1
+        metrics.INFLIGHT.labels(backend.id).dec()
 
     def count(self, backend: Backend) -> int:
         return self._counts.get(backend.id, 0)

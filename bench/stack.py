@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,8 +48,10 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
 ESTABLISHED, LISTEN = "01", "0A"
 
 
-def tcp_sockets(port: int, state: str) -> set[str]:
-    """Inodes of the TCP sockets whose local port is `port`, in `state` (from /proc/net)."""
+def tcp_sockets(port: int, state: str, remote: bool = False) -> set[str]:
+    """Inodes of the TCP sockets whose local (or `remote`) port is `port`, in `state`
+    (from /proc/net)."""
+    column = 2 if remote else 1
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -58,7 +61,7 @@ def tcp_sockets(port: int, state: str) -> set[str]:
             continue
         for line in lines:
             fields = line.split()
-            if fields[3] == state and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            if fields[3] == state and int(fields[column].rsplit(":", 1)[1], 16) == port:
                 inodes.add(fields[9])
     return inodes
 
@@ -146,7 +149,9 @@ def start_balancer(backends: list[str], redis_url: str, log_dir: Path, *,
     settings = {"LB_BACKENDS": ",".join(backends), "REDIS_URL": redis_url,
                 "LB_STATE_DIR": str(log_dir / "lb-state"),
                 "LB_PORT": str(port), "LB_ADMIN_PORT": str(admin_port),
-                "LB_POOL": f"test-{port}", "GUNICORN_WORKERS": str(workers),
+                # A pool of its own: a port used again later in a session must
+                # not find an earlier stack's cursor, scores or membership in Redis.
+                "LB_POOL": f"test-{port}-{uuid.uuid4().hex[:8]}", "GUNICORN_WORKERS": str(workers),
                 "GUNICORN_THREADS": str(threads), **(env or {})}
     argv = [str(BIN / "gunicorn"), "-c", "gunicorn_conf.py", "apps.proxy:create_app()"]
     proc = spawn(name, argv, settings, log_dir, [port, admin_port])

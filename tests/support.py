@@ -1,10 +1,13 @@
 """Helpers for the tests: the process launchers of bench/stack.py, plus a load generator."""
 from __future__ import annotations
 
+import json
+import os
 import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Mapping
 
 from bench.stack import (  # noqa: F401  (re-exported for the tests)
     BIN, ESTABLISHED, ROOT, Proc, free_port, gunicorn, port_open, spawn, start_balancer,
@@ -41,6 +44,74 @@ class SocketServer:
 def connections_to(port: int) -> int:
     """Established TCP connections whose server side is `port`."""
     return len(tcp_sockets(port, ESTABLISHED))
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rpartition(")")[2].split()[1])
+
+
+def worker_pids(master: int) -> list[int]:
+    """The pids of a Gunicorn master's workers (its children)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if parent_of(int(entry)) == master:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def sockets_of(pid: int) -> set[str]:
+    """Inodes of the sockets a process holds open."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    return inodes
+
+
+def connections_from(pid: int, port: int) -> int:
+    """Established TCP connections process `pid` holds to a server on `port`."""
+    return len(sockets_of(pid) & tcp_sockets(port, ESTABLISHED, remote=True))
+
+
+def metric_samples(admin: str) -> dict[str, float]:
+    """The balancer's GET /metrics as {'name{labels}': value}."""
+    import requests
+    samples = {}
+    for line in requests.get(f"{admin}/metrics", timeout=5).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def assert_shares(shares: Mapping[str, int] | set[str], expected: Mapping[str, int] | set[str],
+                  *admins: str) -> None:
+    """Assert that the backends served exactly the expected counts (or set of backends).
+
+    Call it while the stack still runs: on failure the message carries each
+    balancer's /status (blocks and their reasons, degraded workers), since an
+    uneven split on a busy machine is most often a block the logs do not show."""
+    if shares == expected:
+        return
+    import requests
+    statuses = []
+    for admin in admins:
+        try:
+            status = requests.get(f"{admin}/status", timeout=5).json()
+            statuses.append(f"{admin}/status: {json.dumps(status, indent=1)}")
+        except (requests.RequestException, ValueError) as exc:
+            statuses.append(f"{admin}/status unavailable: {exc!r}")
+    raise AssertionError("\n".join([f"shares {shares} != expected {expected}",
+                                    *statuses]))
 
 
 @dataclass

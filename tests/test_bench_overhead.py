@@ -58,6 +58,7 @@ def test_profile_samples_go_to_the_innermost_known_layer():
     assert layer_of("Thread.run (threading.py:982)") == "other"
 
 
+@pytest.mark.e2e
 def test_group_cpu_counts_a_busy_process_group():
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
     try:
@@ -70,6 +71,7 @@ def test_group_cpu_counts_a_busy_process_group():
         busy.wait()
 
 
+@pytest.mark.e2e
 @needs_cc
 def test_a_short_run_measures_every_row_and_saves_its_report(tmp_path):
     before = set((ROOT / "bench" / "results").glob("overhead-*.json"))

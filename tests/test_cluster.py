@@ -15,7 +15,9 @@ from scorer.members import Member
 from scorer.pool import Outcome, Pool
 from scorer.redis_server import server_binary, server_command
 from scorer.settings import load_settings, parse_backends
-from tests.support import fire, start_balancer, start_echo
+from tests.support import assert_shares, fire, start_balancer, start_echo
+
+pytestmark = pytest.mark.e2e
 
 BACKENDS = "http://127.0.0.1:9001,http://127.0.0.1:9002,http://127.0.0.1:9003"
 
@@ -94,17 +96,17 @@ def test_every_script_runs_unchanged_on_the_cluster(cluster, name):
     assert len(keys) >= 5 and len({client.keyslot(key) for key in keys}) == 1
 
 
-@pytest.mark.e2e
 def test_the_balancer_runs_on_the_cluster(cluster, tmp_path):
     echoes = [start_echo(i, tmp_path) for i in range(3)]
     proc, url, admin = start_balancer([u for _, u in echoes], cluster, tmp_path, workers=2)
     try:
         results = fire(url, 60, 6, "POST")
         status = __import__("requests").get(f"{admin}/status", timeout=5).json()
+        assert_shares({b["id"]: b["requests"] for b in status["backends"]},
+                      {u.removeprefix("http://"): 20 for _, u in echoes}, admin)
     finally:
         proc.stop()
         for p, _ in echoes:
             p.stop()
     assert all(r.status == 200 and r.body_ok for r in results)
-    assert sorted(b["requests"] for b in status["backends"]) == [20, 20, 20]
     assert status["redis"]["reachable"] and status["mode"] == "shared"

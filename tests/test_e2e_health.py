@@ -1,7 +1,6 @@
 """End to end: one health checker across balancers and workers, takeover, and recovery."""
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -9,7 +8,7 @@ import time
 import pytest
 import requests
 
-from tests.support import start_balancer, start_echo, wait_for
+from tests.support import parent_of, start_balancer, start_echo, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -18,11 +17,6 @@ CHECKS = {"LB_CHECK_INTERVAL_S": "0.2", "LB_POOL": "e2e-health"}
 
 def probes(echo_url: str) -> list[tuple[float, str]]:
     return [tuple(p) for p in requests.get(f"{echo_url}/profile", timeout=5).json()["health_probes"]]
-
-
-def parent_of(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as stat:
-        return int(stat.read().rsplit(")", 1)[1].split()[1])
 
 
 def test_one_checker_for_two_balancers_of_two_workers_and_a_takeover(redis_server, tmp_path):

@@ -6,11 +6,14 @@ from collections import Counter
 import pytest
 import requests
 
-from tests.support import fire, start_balancer, start_echo, wait_for
+from tests.support import assert_shares, fire, start_balancer, start_echo, wait_for
 
 pytestmark = pytest.mark.e2e
 
-SHARED = {"LB_POOL": "two-hosts", "LB_CHECK_INTERVAL_S": "0"}
+
+def shared(pool: str) -> dict[str, str]:
+    """Settings for two balancers of one pool (a pool of this test's own)."""
+    return {"LB_POOL": pool, "LB_CHECK_INTERVAL_S": "0"}
 
 
 def test_two_balancers_of_two_workers_share_one_cursor_and_one_set_of_scores(redis_server,
@@ -18,7 +21,7 @@ def test_two_balancers_of_two_workers_share_one_cursor_and_one_set_of_scores(red
     echoes = [start_echo(i, tmp_path) for i in range(3)]
     urls = [u for _, u in echoes]
     balancers = [start_balancer(urls, redis_server, tmp_path, workers=2, name=f"lb-{n}",
-                                env=SHARED) for n in "ab"]
+                                env=shared("two-hosts-cursor")) for n in "ab"]
     try:
         # 300 requests, half through each balancer, all at once.
         from concurrent.futures import ThreadPoolExecutor
@@ -27,10 +30,9 @@ def test_two_balancers_of_two_workers_share_one_cursor_and_one_set_of_scores(red
                                    balancers))
         results = halves[0] + halves[1]
         assert all(r.status == 200 and r.body_ok for r in results)
-        shares = Counter(r.upstream for r in results)
-        # On failure, the balancers' logs say whether a block (or Redis) was behind it.
-        assert set(shares.values()) == {100}, (shares, [p.output()[-3000:]
-                                                        for p, _, _ in balancers])
+        assert_shares(Counter(r.upstream for r in results),
+                      {u.removeprefix("http://"): 100 for u in urls},
+                      *(admin for _, _, admin in balancers))
     finally:
         for proc, _, _ in balancers:
             proc.stop()
@@ -44,7 +46,8 @@ def test_a_backend_blocked_through_one_balancer_is_blocked_for_the_other(redis_s
     echoes = [failing, start_echo(1, tmp_path), start_echo(2, tmp_path)]
     urls = [u for _, u in echoes]
     (a, a_url, a_admin), (b, b_url, b_admin) = [
-        start_balancer(urls, redis_server, tmp_path, workers=2, name=f"lb-{n}", env=SHARED)
+        start_balancer(urls, redis_server, tmp_path, workers=2, name=f"lb-{n}",
+                       env=shared("two-hosts-blocks"))
         for n in "ab"]
     failing_id = failing[1].removeprefix("http://")
     try:

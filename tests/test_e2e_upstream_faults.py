@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from tests.rawbackend import RawBackend
-from tests.support import start_balancer, start_echo
+from tests.support import metric_samples, start_balancer, start_echo
 
 pytestmark = pytest.mark.e2e
 
@@ -74,20 +74,34 @@ def test_no_header_is_added_that_the_client_did_not_send(via_raw):
                      "x-forwarded-host", "x-forwarded-port", "forwarded"}  # no User-Agent...
 
 
-def test_head_answers_of_any_size_free_their_slot(via_raw):
+def over_cap_picks(admin: str) -> int:
+    return requests.get(f"{admin}/status", timeout=5).json()["over_cap_picks"]
+
+
+def slots(raw_backend, admin: str) -> tuple[int, float]:
+    """The pool's picks over a backend's in-flight cap so far, and the requests the
+    balancer has under way to the raw backend now (its lb_upstream_inflight gauge)."""
+    backend = raw_backend.url.removeprefix("http://")
+    return over_cap_picks(admin), metric_samples(admin)[
+        f'lb_upstream_inflight{{backend="{backend}"}}']
+
+
+def test_head_answers_of_any_size_free_their_slot(raw_backend, via_raw):
     _, url, admin = via_raw
+    over_cap = over_cap_picks(admin)
     for _ in range(6):  # three times the in-flight cap
         assert requests.head(f"{url}/headbig", timeout=5).status_code == 200
-    # Were slots leaking, every pick would now be a panic pick (all "busy").
+    # A leaked slot would leave the backend at its cap, and these picks over it.
     assert requests.get(f"{url}/fine", timeout=5).status_code == 200
-    assert requests.get(f"{admin}/status", timeout=5).json()["panic_picks"] == 0
+    assert slots(raw_backend, admin) == (over_cap, 0)
 
 
-def test_a_large_streamed_body_passes_and_frees_its_slot(via_raw):
+def test_a_large_streamed_body_passes_and_frees_its_slot(raw_backend, via_raw):
     _, url, admin = via_raw
+    over_cap = over_cap_picks(admin)
     for _ in range(4):
         assert len(requests.get(f"{url}/headbig", timeout=5).content) == 200_000
-    assert requests.get(f"{admin}/status", timeout=5).json()["panic_picks"] == 0
+    assert slots(raw_backend, admin) == (over_cap, 0)
 
 
 def test_a_backend_dying_after_its_head_gets_a_json_502(via_raw):

@@ -101,6 +101,7 @@ def encode_request(method: str, path: str, headers, body: bytes, chunked: bool) 
     return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + payload
 
 
+@pytest.mark.e2e
 @settings(max_examples=250, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(method=methods, path=paths, body=bodies, content_type=content_types, chunked=st.booleans(),
@@ -116,6 +117,7 @@ def test_the_balancer_never_answers_500(balancer, method, path, body, content_ty
     assert status is None or status < 500 or status == 501, status
 
 
+@pytest.mark.e2e
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(garbage=st.binary(min_size=1, max_size=400))
@@ -125,6 +127,7 @@ def test_garbage_never_gets_a_500(balancer, garbage):
     assert status is None or status != 500
 
 
+@pytest.mark.e2e
 def test_no_balancer_worker_died_while_fuzzed(balancer):
     proc, _ = balancer
     log = proc.output()

@@ -97,6 +97,7 @@ def test_checks_pause_while_redis_is_away(tmp_path, targets):
     assert targets[0].seen == []
 
 
+@pytest.mark.e2e
 def test_a_dead_holders_lock_expires_on_a_real_server(real_redis, redis_server, targets):
     urls = [t.url for t in targets]
     pool_a = make_pool(redis.Redis.from_url(redis_server), urls, LB_CHECK_TIMEOUT_S="0.05")

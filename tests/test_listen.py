@@ -1,15 +1,17 @@
 """The traffic listener: a socket per worker (SO_REUSEPORT), and a taken port refused at once."""
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 
 import pytest
 
 from tests.support import (
-    BIN, ESTABLISHED, ROOT, free_port, start_balancer, start_echo, tcp_sockets,
+    BIN, ESTABLISHED, ROOT, free_port, sockets_of, start_balancer, start_echo, tcp_sockets,
+    worker_pids,
 )
+
+pytestmark = pytest.mark.e2e
 
 
 def gunicorn_on(port: int) -> subprocess.CompletedProcess:
@@ -34,31 +36,6 @@ def test_a_taken_port_stops_gunicorn_with_one_line(reuse_port):
     assert done.returncode == 2
     assert f"lb: cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
     assert "Booting worker" not in done.stderr
-
-
-def worker_pids(master: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    if int(stat.read().rpartition(")")[2].split()[1]) == master:  # ppid
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
-def sockets_of(pid: int) -> set[str]:
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:["):-1])
-    return inodes
 
 
 def test_a_burst_of_keepalive_clients_spreads_over_the_workers(redis_server, tmp_path):

@@ -56,6 +56,7 @@ def read_exactly(sock: socket.socket, n: int) -> bytes:
 
 # ---------------------------------------------------------------- the zero backend
 
+@pytest.mark.e2e
 def test_get_head_and_post(zero_ports):
     port = zero_ports[0]
     assert exchange(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n") == OK
@@ -65,12 +66,14 @@ def test_get_head_and_post(zero_ports):
                     + b"GET / HTTP/1.1\r\n\r\n") == OK * 2
 
 
+@pytest.mark.e2e
 def test_a_chunked_body_is_read_and_skipped(zero_ports):
     request = (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
                b"5\r\nhello\r\n3;ext=1\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n")
     assert exchange(zero_ports[0], request + b"GET / HTTP/1.1\r\n\r\n") == OK * 2
 
 
+@pytest.mark.e2e
 def test_pipelined_requests_are_answered_in_order(zero_ports):
     two = b"GET /1 HTTP/1.1\r\n\r\nHEAD /2 HTTP/1.1\r\n\r\n"
     assert exchange(zero_ports[0], two) == OK + OK_HEAD
@@ -78,12 +81,14 @@ def test_pipelined_requests_are_answered_in_order(zero_ports):
     assert exchange(zero_ports[0], b"GET / HTTP/1.1\r\n\r\n" * 3000) == OK * 3000
 
 
+@pytest.mark.e2e
 def test_a_request_split_across_sends(zero_ports):
     request = b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody"
     assert exchange(zero_ports[0], request[:10], request[10:40], request[40:],
                     pause=0.05) == OK
 
 
+@pytest.mark.e2e
 def test_keep_alive_and_connection_close(zero_ports):
     with socket.create_connection(("127.0.0.1", zero_ports[0]), timeout=5) as sock:
         for _ in range(3):      # HTTP/1.1 stays open by default
@@ -99,6 +104,7 @@ def test_keep_alive_and_connection_close(zero_ports):
             assert read_exactly(sock, len(OK)) == OK
 
 
+@pytest.mark.e2e
 def test_bad_requests_get_an_error_and_a_close(zero_ports):
     with socket.create_connection(("127.0.0.1", zero_ports[0]), timeout=5) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nX: " + b"a" * 17000 + b"\r\n\r\n")
@@ -108,6 +114,7 @@ def test_bad_requests_get_an_error_and_a_close(zero_ports):
     assert answer.startswith(b"HTTP/1.1 400 ")
 
 
+@pytest.mark.e2e
 def test_clients_vanishing_mid_request_do_not_hurt_it(zero_ports):
     for request in (b"GET / HT", b"POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc",
                     b"GET / HTTP/1.1\r\n\r\n" * 2000):
@@ -118,6 +125,7 @@ def test_clients_vanishing_mid_request_do_not_hurt_it(zero_ports):
     assert exchange(zero_ports[0], b"GET / HTTP/1.1\r\n\r\n") == OK
 
 
+@pytest.mark.e2e
 def test_one_process_serves_every_port(zero_ports):
     for port in zero_ports:
         assert exchange(port, b"GET / HTTP/1.1\r\n\r\n") == OK
@@ -127,6 +135,7 @@ def test_one_process_serves_every_port(zero_ports):
     assert taken.returncode != 0 and "Address already in use" in taken.stderr
 
 
+@pytest.mark.e2e
 @needs_cc
 def test_the_build_is_cached_by_source_hash(tmp_path, monkeypatch):
     first = zero.build()
@@ -194,6 +203,7 @@ class RotatingServer(SocketServer):
                     return
 
 
+@pytest.mark.e2e
 def test_loadgen_against_the_zero_backend(zero_ports):
     result = loadgen.run(f"http://127.0.0.1:{zero_ports[1]}/", connections=4, duration_s=1.0,
                          warmup_s=0.2)
@@ -340,6 +350,7 @@ def test_parse_wrk_rejects_other_text():
         loadgen.parse_wrk("wrk: command failed\n")
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not loadgen.have_wrk(), reason="wrk is not installed")
 def test_run_wrk_against_the_zero_backend(zero_ports):
     result = loadgen.run_wrk(f"http://127.0.0.1:{zero_ports[0]}/", connections=4,

@@ -119,6 +119,7 @@ def test_report_counts_outcomes_with_the_callers_clock(any_redis):
     assert state(pool, 0)["requests"] == 0
 
 
+@pytest.mark.e2e
 def test_concurrent_picks_from_many_threads_are_exactly_fair(real_redis, redis_server):
     # Each thread is a worker with its own client, as in Gunicorn.
     counts: Counter[int] = Counter()
@@ -137,6 +138,7 @@ def test_concurrent_picks_from_many_threads_are_exactly_fair(real_redis, redis_s
     assert counts == {9001: 100, 9002: 100, 9003: 100}
 
 
+@pytest.mark.e2e
 def test_scripts_reload_after_the_server_forgets_them(real_redis):
     pool = make_pool(real_redis)
     pool.pick()

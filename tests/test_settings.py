@@ -80,6 +80,7 @@ def test_a_bad_value_names_its_setting_in_one_line(name, value):
     assert "\n" not in message
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name, value", [
     ("LB_BACKENDS", "htp://x"), ("LB_STRATEGY", "fastest"), ("LB_READ_TIMEOUT", "soon"),
     ("LB_TRUSTED_PROXIES", "proxy.internal"),  # read by gunicorn_conf.py itself, too

@@ -5,12 +5,13 @@ import json
 import logging
 import os
 import signal
+import threading
 
 import pytest
 import redis
 
 from apps.admin import create_app
-from scorer.pool import Outcome, Pool, pool_key
+from scorer.pool import Outcome, Pool, connect, pool_key
 from scorer.redis_server import server_command
 from scorer.settings import load_settings
 from tests.support import free_port, spawn, wait_for
@@ -33,6 +34,7 @@ def own_redis(tmp_path):
         proc.stop()
 
 
+@pytest.mark.e2e
 def test_picks_go_on_while_redis_is_down_and_return_to_it(own_redis, tmp_path, caplog):
     url, procs, start = own_redis
     settings = load_settings(environ={"REDIS_URL": url, "LB_POOL": "s",
@@ -57,21 +59,42 @@ def test_picks_go_on_while_redis_is_down_and_return_to_it(own_redis, tmp_path, c
     assert redis.Redis.from_url(url).hget(pool_key("s"), "cursor") == b"0"
 
 
+@pytest.mark.e2e
 def test_a_hanging_redis_costs_one_short_timeout(own_redis):
     url, procs, _ = own_redis
     settings = load_settings(environ={"REDIS_URL": url, "LB_REDIS_RETRY_S": "0.1",
                                       "LB_REDIS_TIMEOUT": "0.2"})
-    pool = Pool(settings)
+    waits = []  # each Redis reply that never came: (thread, how long it was waited for)
+
+    class Counted(redis.Connection):
+        def read_response(self, *args, **kwargs):
+            try:
+                return super().read_response(*args, **kwargs)
+            except redis.TimeoutError:
+                waits.append((threading.current_thread(), self.socket_timeout))
+                raise
+
+    def counted_client() -> redis.Redis:
+        client = connect(settings)
+        client.connection_pool.connection_class = Counted
+        return client
+
+    pool = Pool(settings, redis_factory=counted_client)
     pool.pick()
     procs[0].popen.send_signal(signal.SIGSTOP)
     try:
-        assert pool.pick() is not None and pool.store.degraded
-        assert pool.pick() is not None  # no more waiting on Redis
+        assert all(pool.pick() is not None for _ in range(20))
+        assert pool.store.degraded
     finally:
         procs[0].popen.send_signal(signal.SIGCONT)
+    # Twenty picks waited once, for LB_REDIS_TIMEOUT; the rest were served at once
+    # from this process's own state. (The background check's own waits do not count.)
+    here = threading.current_thread()
+    assert [timeout for thread, timeout in waits if thread is here] == [0.2]
     wait_for(lambda: not pool.store.degraded, what="back to Redis")
 
 
+@pytest.mark.e2e
 def test_without_degrading_redis_errors_surface(own_redis):
     url, procs, _ = own_redis
     pool = Pool(load_settings(environ={"REDIS_URL": url}), degrade=False)
@@ -89,6 +112,7 @@ def test_a_flushed_script_cache_is_loaded_again_without_degrading(any_redis):
     assert not pool.store.degraded
 
 
+@pytest.mark.e2e
 def test_a_forked_child_does_not_share_its_parents_connection(real_redis):
     pool = Pool(load_settings(environ={"LB_POOL": "fork"}), redis_factory=lambda: real_redis)
     assert pool.pick().port == 9001
@@ -102,10 +126,9 @@ def test_a_forked_child_does_not_share_its_parents_connection(real_redis):
     assert pool.pick().port == 9001  # the parent's connection still reads its own replies
 
 
+@pytest.mark.e2e
 def test_short_lived_threads_give_their_connections_back(real_redis):
     # The admin listener answers each request on a new thread.
-    import threading
-
     pool = Pool(load_settings(environ={"LB_POOL": "threads"}), redis_factory=lambda: real_redis)
     pool.pick()
     before = len(real_redis.client_list())

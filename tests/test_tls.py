@@ -11,6 +11,8 @@ from scorer.settings import load_settings
 from tests.support import free_port, gunicorn, spawn, start_balancer
 from tests.tls_relay import TLSRelay
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
@@ -35,7 +37,6 @@ def https_echo(certs, tmp_path_factory):
     proc.stop()
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize("env, status", [
     ({"LB_TLS_CA_FILE": "<ca>"}, 200),  # trusted: the echo answers
     ({}, 502),                          # checked by default: an unknown CA is refused
@@ -70,13 +71,14 @@ def rediss(certs, redis_server):
 
 def test_a_rediss_redis_with_a_trusted_ca(rediss, certs):
     settings = load_settings(environ={"REDIS_URL": rediss, "LB_REDIS_CA_FILE": certs["ca"],
-                                      "LB_POOL": "tls"})
+                                      "LB_POOL": "tls-trusted"})
     pool = Pool(settings, degrade=False)
     assert pool.redis.connection_pool.connection_class.__name__ == "SSLConnection"
     assert [pool.pick().port for _ in range(3)] == [9001, 9002, 9003]
 
 
 def test_a_rediss_redis_with_an_unknown_ca_is_refused(rediss):
-    pool = Pool(load_settings(environ={"REDIS_URL": rediss, "LB_POOL": "tls"}), degrade=False)
+    pool = Pool(load_settings(environ={"REDIS_URL": rediss, "LB_POOL": "tls-unknown"}),
+                degrade=False)
     with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
         pool.pick()

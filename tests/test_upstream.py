@@ -127,6 +127,22 @@ def test_in_flight_flags_mark_tried_and_busy_backends():
     assert inflight.flags(backends, [backends[2]]) == "..x"
 
 
+def test_in_flight_counts_are_the_lb_upstream_inflight_gauge():
+    from prometheus_client import REGISTRY
+
+    from apps.upstream import InFlight
+    backend = load_settings(environ={"LB_BACKENDS": "http://10.9.9.9:9"}).backends[0]
+    gauge = lambda: REGISTRY.get_sample_value("lb_upstream_inflight",  # noqa: E731
+                                              {"backend": backend.id})
+    inflight = InFlight(cap=2)
+    inflight.acquire(backend)
+    inflight.acquire(backend)
+    assert gauge() == 2
+    inflight.release(backend)
+    inflight.release(backend)
+    assert gauge() == 0
+
+
 def test_ipv6_backends_keep_their_brackets():
     backend = load_settings(environ={"LB_BACKENDS": "http://[::1]:9001,http://[fe80::1]"}).backends
     assert [b.id for b in backend] == ["[::1]:9001", "[fe80::1]:80"]
