@@ -163,6 +163,14 @@ def when_ready(server):
     server.log.info("admin listener on http://%s:%s", settings.admin_host, settings.admin_port)
 
 
+def on_reload(server):
+    # A reload (SIGHUP) gives Gunicorn new log handlers: escape those too, and send
+    # the admin listener's lines through them.
+    if _is_balancer(server):
+        from apps.logs import log_through_gunicorn
+        log_through_gunicorn()
+
+
 def child_exit(server, worker):
     if not _is_balancer(server):
         return

@@ -73,13 +73,14 @@ ESCAPE = EscapeFilter()
 
 def log_through_gunicorn() -> None:
     """Send the balancer's log lines where Gunicorn sends its own, at its level, and
-    escape every line those handlers write. Safe to call again (each worker does)."""
+    escape every line those handlers write. Safe to call again: each worker does,
+    and the master after a reload (SIGHUP), which gives Gunicorn new handlers."""
     gunicorn_log = logging.getLogger("gunicorn.error")
     for name in ("gunicorn.error", "gunicorn.access"):
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(ESCAPE)  # a no-op when it is there already
     lb_log = logging.getLogger("lb")
-    if gunicorn_log.handlers and not lb_log.handlers:
-        lb_log.handlers = gunicorn_log.handlers
+    if gunicorn_log.handlers:
+        lb_log.handlers = list(gunicorn_log.handlers)
         lb_log.setLevel(gunicorn_log.level)
         lb_log.propagate = False

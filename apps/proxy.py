@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from dataclasses import dataclass
 
@@ -87,6 +87,10 @@ class Failure:
         return str(self.error) if self.error else f"status {self.response.status_code}"
 
 
+# Picks one attempt may make when other threads keep taking the last in-flight
+# slot of the backend picked (each pick sees the slot gone, and goes elsewhere).
+PICKS_PER_ATTEMPT = 3
+
 # Every method but CONNECT is forwarded; a 405 must still name some (RFC 9110 15.5.6).
 ALLOWED_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"
 
@@ -135,8 +139,7 @@ class Forwarder:
             if remaining <= 0:
                 break
             try:
-                backend = self.pool.pick(lambda backends: self.inflight.flags(backends, tried),
-                                         retry=bool(tried))
+                backend = self.choose(tried)
             except Exception:  # the store degrades by itself; this is a bug, not an outage
                 log.exception("pick failed")
                 break
@@ -158,25 +161,40 @@ class Forwarder:
                 break
         return self.give_up(req, failure, len(tried))
 
+    def choose(self, tried: list[Backend]) -> Backend | None:
+        """Pick a backend and take one of this worker's in-flight slots on it.
+
+        The busy flags are read before the pick and the slot is taken after it,
+        so another thread may take the last slot in between: then pick again,
+        with that backend now busy. A pick that went over the cap because every
+        candidate was busy keeps its slot regardless.
+        """
+        busy: set[str] = set()
+
+        def flags(backends: Sequence[Backend]) -> str:
+            made = self.inflight.flags(backends, tried)
+            busy.clear()
+            busy.update(b.id for b, flag in zip(backends, made) if flag == "b")
+            return made
+
+        for _ in range(PICKS_PER_ATTEMPT):
+            backend = self.pool.pick(flags, retry=bool(tried))
+            if backend is None or self.inflight.take(backend, over_cap=backend.id in busy):
+                return backend
+        self.inflight.take(backend, over_cap=True)  # still racing: the cap gives way
+        return backend
+
     def attempt(self, req: Request, backend: Backend, target: str, body: RequestBody,
                 remaining: float, request_id: str = "") -> Response | Failure:
-        """One try on one backend: its answer, or a Failure to retry or relay."""
+        """One try on one backend, whose in-flight slot `choose` took: its answer, or
+        a Failure to retry or relay. The slot is given back on every path."""
         settings = self.settings
-        headers = upstream_request_headers(
-            req.headers.items(), backend=backend,
-            hop=hop_of(req.environ, settings.trusted_proxies), preserve_host=settings.preserve_host)
-        if request_id:
-            headers["X-Request-ID"] = request_id
-        length = body.content_length()
-        headers.pop("Content-Length", None)
-        if length is not None:
-            headers["Content-Length"] = str(length)
         timeout = urllib3.Timeout(connect=min(settings.connect_timeout, remaining),
                                   read=min(settings.read_timeout, remaining))
-        self.inflight.acquire(backend)
         started = time.monotonic()
         try:
-            upstream = self.upstreams.send(backend, req.method, target, headers,
+            upstream = self.upstreams.send(backend, req.method, target,
+                                           self.request_headers(req, backend, body, request_id),
                                            body.upstream(), timeout)
         except UpstreamError as err:
             return self.failed(req, backend, err, time.monotonic() - started)
@@ -211,6 +229,20 @@ class Forwarder:
             response = UpstreamResponse(content, status=status, headers=response_headers,
                                         direct_passthrough=True)
         return Failure(backend, response=response) if retryable else response
+
+    def request_headers(self, req: Request, backend: Backend, body: RequestBody,
+                        request_id: str) -> dict[str, str]:
+        headers = upstream_request_headers(
+            req.headers.items(), backend=backend,
+            hop=hop_of(req.environ, self.settings.trusted_proxies),
+            preserve_host=self.settings.preserve_host)
+        if request_id:
+            headers["X-Request-ID"] = request_id
+        length = body.content_length()
+        headers.pop("Content-Length", None)
+        if length is not None:
+            headers["Content-Length"] = str(length)
+        return headers
 
     def failed(self, req: Request, backend: Backend, err: UpstreamError,
                latency: float) -> Failure:

@@ -346,10 +346,16 @@ class InFlight:
         self._counts: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, backend: Backend) -> None:
+    def take(self, backend: Backend, over_cap: bool = False) -> bool:
+        """Take a slot: False, and none taken, when the backend is at its cap
+        (unless `over_cap`). Checked and counted as one step."""
         with self._lock:
-            self._counts[backend.id] = self._counts.get(backend.id, 0) + 1
+            count = self._counts.get(backend.id, 0)
+            if count >= self._cap and not over_cap:
+                return False
+            self._counts[backend.id] = count + 1
         metrics.INFLIGHT.labels(backend.id).inc()
+        return True
 
     def release(self, backend: Backend) -> None:
         with self._lock:

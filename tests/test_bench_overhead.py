@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -60,11 +59,16 @@ def test_profile_samples_go_to_the_innermost_known_layer():
 
 @pytest.mark.e2e
 def test_group_cpu_counts_a_busy_process_group():
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+    # The child burns 0.3 s of CPU by its own count, then idles: however busy the
+    # machine, the group has used at least that much when it says so.
+    spin = ("import time\nwhile time.process_time() < 0.3: pass\n"
+            "print('spent', flush=True)\ntime.sleep(60)")
+    busy = subprocess.Popen([sys.executable, "-c", spin], start_new_session=True,
+                            stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.5)
+        assert busy.stdout.readline() == "spent\n"
         user, system = group_cpu_s(busy.pid)
-        assert user + system > 0.1
+        assert 0.28 <= user + system < 5
         assert group_cpu_s(os.getpgid(0)) != (user, system)  # another group, other figures
     finally:
         busy.kill()

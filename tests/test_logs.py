@@ -86,3 +86,13 @@ def test_a_single_mapping_argument_still_formats_whole(gunicorn_logs):
     logging.getLogger("lb.admin").warning("admin set %s", {"weight": "1\n2"})
     out = gunicorn_logs["gunicorn.error"].getvalue()
     assert out.splitlines()[0].endswith("admin set {'weight': '1\\\\n2'}")
+
+
+def test_after_a_reload_the_new_handlers_escape_and_carry_the_lb_lines(gunicorn_logs):
+    # Gunicorn's reload (SIGHUP) swaps its handlers; on_reload hooks this up again.
+    fresh = io.StringIO()
+    handler = logging.StreamHandler(fresh)
+    logging.getLogger("gunicorn.error").handlers = [handler]
+    log_through_gunicorn()
+    logging.getLogger("lb.admin").warning("admin removed backend %s", f"x\n{FORGED}")
+    assert fresh.getvalue() == f"admin removed backend x\\n{FORGED}\n"

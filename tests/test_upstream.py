@@ -119,10 +119,13 @@ def test_in_flight_flags_mark_tried_and_busy_backends():
     backends = load_settings(environ={}).backends
     inflight = InFlight(cap=2)
     assert inflight.flags(backends, []) == ""  # all eligible: nothing to say
-    inflight.acquire(backends[1])
-    inflight.acquire(backends[1])
+    assert inflight.take(backends[1]) and inflight.take(backends[1])
+    assert not inflight.take(backends[1])  # at the cap: no slot, nothing counted
     assert inflight.flags(backends, []) == ".b."
     assert inflight.flags(backends, [backends[0]]) == "xb."
+    assert inflight.take(backends[1], over_cap=True)  # every candidate was busy
+    assert inflight.count(backends[1]) == 3
+    inflight.release(backends[1])
     inflight.release(backends[1])
     assert inflight.flags(backends, [backends[2]]) == "..x"
 
@@ -135,8 +138,8 @@ def test_in_flight_counts_are_the_lb_upstream_inflight_gauge():
     gauge = lambda: REGISTRY.get_sample_value("lb_upstream_inflight",  # noqa: E731
                                               {"backend": backend.id})
     inflight = InFlight(cap=2)
-    inflight.acquire(backend)
-    inflight.acquire(backend)
+    inflight.take(backend)
+    inflight.take(backend)
     assert gauge() == 2
     inflight.release(backend)
     inflight.release(backend)
@@ -162,3 +165,31 @@ def test_a_chunked_answer_loses_its_content_length():
 def test_the_balancers_own_response_headers_are_dropped_from_the_backends():
     backends = [("X-Upstream", "203.0.113.9:80"), ("x-request-id", "b-1"), ("X-Upstream-Id", "k")]
     assert client_response_headers(backends) == [("X-Upstream-Id", "k")]
+
+
+def test_a_slot_taken_by_another_thread_between_flags_and_pick_sends_the_pick_elsewhere():
+    import fakeredis
+
+    from apps.proxy import Forwarder
+    from apps.upstream import InFlight, Upstreams
+    from scorer.pool import Pool
+    settings = load_settings(environ={"LB_BACKENDS": "http://10.9.9.1:80,http://10.9.9.2:80",
+                                      "LB_MAX_INFLIGHT": "1", "LB_CHECK_INTERVAL_S": "0"})
+    pool = Pool(settings, redis_factory=lambda: fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+    inflight = InFlight(settings.max_inflight)
+    forwarder = Forwarder(settings, pool, Upstreams(settings, maxsize=1), inflight)
+    pick, raced = pool.pick, []
+
+    def racing_pick(flags, retry=False):
+        picked = pick(flags, retry)
+        if not raced:  # another thread, between this one's flags and its take
+            raced.append(inflight.take(picked))
+        return picked
+
+    pool.pick = racing_pick
+    first, second = pool.backends
+    assert forwarder.choose([]) == second  # first was lost to the other thread: picked again
+    assert inflight.count(first) == inflight.count(second) == 1  # nobody over the cap
+    # Every backend at its cap now: the pick goes over a cap on purpose, and keeps its slot.
+    assert forwarder.choose([]) in (first, second)
+    assert inflight.count(first) + inflight.count(second) == 3
