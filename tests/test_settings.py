@@ -4,7 +4,6 @@ from __future__ import annotations
 import re
 import runpy
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -89,6 +88,7 @@ def test_gunicorn_refuses_to_start_with_a_one_line_error(name, value):
     assert gunicorn_errors({name: value}) == [f"lb: {load_error(name, value)}"]
 
 
+@pytest.mark.e2e
 def test_gunicorn_refuses_a_backend_on_its_own_port():
     port = free_port()
     assert gunicorn_errors({"LB_BACKENDS": f"http://127.0.0.1:{port}"}, port) == [
