@@ -91,64 +91,57 @@ def test_a_draining_backend_finishes_its_requests_and_gets_no_new_ones(redis_ser
         reflect.stop()
 
 
-def test_the_membership_survives_a_redis_restart(tmp_path):
+@pytest.fixture
+def restartable(tmp_path, request):
+    """Three echoes behind a balancer on a Redis of its own that `restart()` kills and
+    starts again empty; yields (url, admin, ids, restart)."""
     redis_port = free_port()
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
     redis_proc = [spawn("redis", server_command(redis_port), {}, tmp_path, [redis_port])]
     echoes = [start_echo(i, tmp_path) for i in range(3)]
-    ids = [u.removeprefix("http://") for _, u in echoes]
-    proc, url, admin = start_balancer([u for _, u in echoes], redis_url, tmp_path,
-                                      env=env("members-restart"))
-    try:
-        assert requests.delete(f"{admin}/backends/{ids[1]}", headers=AUTH,
-                               timeout=5).status_code == 200
-        assert_shares(served(url), each([ids[0], ids[2]]), admin)
+    proc, url, admin = start_balancer([u for _, u in echoes], f"redis://127.0.0.1:{redis_port}/0",
+                                      tmp_path, env=env(request.param))
+
+    def restart() -> None:
         redis_proc.pop().stop(signal.SIGKILL)
-        redis_proc.append(spawn("redis2", server_command(redis_port), {}, tmp_path,
-                                [redis_port]))  # empty: no keys
-        wait_for(lambda: requests.get(f"{admin}/status", timeout=5).json()["mode"] == "shared",
-                 what="workers back on Redis")
-        # Not silently reset to the start-up list: the removed backend stays out. (Which
-        # backends, not how many each: a worker may only now find Redis gone and back.)
-        assert_shares(set(served(url)), {ids[0], ids[2]}, admin)
-        listed = requests.get(f"{admin}/backends", timeout=5).json()["backends"]
-        assert [m["id"] for m in listed] == [ids[0], ids[2]]
-        saved = json.loads((tmp_path / "lb-state" / "members-members-restart.json").read_text())
-        assert [m["id"] for m in saved["members"]] == [ids[0], ids[2]]
-    finally:
-        proc.stop()
-        for p in redis_proc:
-            p.stop()
-        for p, _ in echoes:
-            p.stop()
+        redis_proc.append(spawn(f"redis-{len(redis_proc)}", server_command(redis_port), {},
+                                tmp_path, [redis_port]))  # empty: no keys
+
+    yield url, admin, [u.removeprefix("http://") for _, u in echoes], restart
+    proc.stop()
+    for p in redis_proc:
+        p.stop()
+    for p, _ in echoes:
+        p.stop()
 
 
-def test_removals_hold_for_every_worker_even_across_a_redis_restart(tmp_path):
-    redis_port = free_port()
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    redis_proc = [spawn("redis", server_command(redis_port), {}, tmp_path, [redis_port])]
-    echoes = [start_echo(i, tmp_path) for i in range(3)]
-    ids = [u.removeprefix("http://") for _, u in echoes]
-    proc, url, admin = start_balancer([u for _, u in echoes], redis_url, tmp_path,
-                                      env=env("members-last"))
-    try:
-        assert set(served(url)) == set(ids)
-        # Three quick removals: the last one is refused, and the first two hold.
-        answers = [requests.delete(f"{admin}/backends/{i}", headers=AUTH, timeout=5)
-                   for i in ids]
-        assert [a.status_code for a in answers] == [200, 200, 409]
-        listed = requests.get(f"{admin}/backends", timeout=5).json()["backends"]
-        assert [m["id"] for m in listed] == ids[2:]
-        # Redis restarts before any worker has picked since: their copies are stale.
-        redis_proc.pop().stop(signal.SIGKILL)
-        redis_proc.append(spawn("redis2", server_command(redis_port), {}, tmp_path,
-                                [redis_port]))
-        assert served(url, 60) == {ids[2]: 60}
-        listed = requests.get(f"{admin}/backends", timeout=5).json()["backends"]
-        assert [m["id"] for m in listed] == ids[2:]
-    finally:
-        proc.stop()
-        for p in redis_proc:
-            p.stop()
-        for p, _ in echoes:
-            p.stop()
+@pytest.mark.parametrize("restartable", ["members-restart"], indirect=True)
+def test_the_membership_survives_a_redis_restart(restartable, tmp_path):
+    url, admin, ids, restart = restartable
+    assert requests.delete(f"{admin}/backends/{ids[1]}", headers=AUTH,
+                           timeout=5).status_code == 200
+    assert_shares(served(url), each([ids[0], ids[2]]), admin)
+    restart()
+    wait_for(lambda: requests.get(f"{admin}/status", timeout=5).json()["mode"] == "shared",
+             what="workers back on Redis")
+    # Not silently reset to the start-up list: the removed backend stays out. (Which
+    # backends, not how many each: a worker may only now find Redis gone and back.)
+    assert_shares(set(served(url)), {ids[0], ids[2]}, admin)
+    listed = requests.get(f"{admin}/backends", timeout=5).json()["backends"]
+    assert [m["id"] for m in listed] == [ids[0], ids[2]]
+    saved = json.loads((tmp_path / "lb-state" / "members-members-restart.json").read_text())
+    assert [m["id"] for m in saved["members"]] == [ids[0], ids[2]]
+
+
+@pytest.mark.parametrize("restartable", ["members-last"], indirect=True)
+def test_removals_hold_for_every_worker_even_across_a_redis_restart(restartable):
+    url, admin, ids, restart = restartable
+    assert set(served(url)) == set(ids)
+    # Three quick removals: the last one is refused, and the first two hold.
+    answers = [requests.delete(f"{admin}/backends/{i}", headers=AUTH, timeout=5) for i in ids]
+    assert [a.status_code for a in answers] == [200, 200, 409]
+    listed = requests.get(f"{admin}/backends", timeout=5).json()["backends"]
+    assert [m["id"] for m in listed] == ids[2:]
+    restart()  # before any worker has picked since: their copies are stale
+    assert served(url, 60) == {ids[2]: 60}
+    listed = requests.get(f"{admin}/backends", timeout=5).json()["backends"]
+    assert [m["id"] for m in listed] == ids[2:]
