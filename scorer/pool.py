@@ -223,9 +223,6 @@ class Pool:
             return self.members
         raise RuntimeError("the membership keeps changing: try again")
 
-    def member(self, backend_id: str) -> Member | None:
-        return next((m for m in self.members if m.id == backend_id), None)
-
     # --- traffic ------------------------------------------------------------------
 
     @property
