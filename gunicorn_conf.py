@@ -17,24 +17,22 @@ _env = os.environ.get
 # with PORT set (honcho sets it) and no bind, Gunicorn would listen on 0.0.0.0.
 bind = [f"{_env('LB_HOST', '127.0.0.1')}:{_env('LB_PORT', '8000')}"]
 
-# Worker class: gthread. A proxy mostly waits (on the backend, on Redis) with
-# the GIL released, so threads cover the waiting at little cost, and gthread
-# keeps client connections alive where sync workers close each one after a
-# single request. gevent used about a fifth less CPU per request in a trial
-# run (and so did the Flask ceiling under it) but needs Redis connections and
-# upstream pools per greenlet rather than per thread; README "Performance".
-worker_class = "gthread"
+# Worker class: apps.edge.EdgeWorker, Gunicorn's gevent worker with client
+# deadlines and connection caps. A greenlet per connection, not a thread: a
+# slow or idle client costs a little memory instead of one of a few threads
+# (with gthread, 40 clients sending a byte every 3 s took the port down), and
+# a proxy mostly waits on sockets, which is what gevent is for. The Procfile's
+# echo backends run gthread (`-k gthread`), the threaded model they were
+# written for. GUNICORN_WORKER_CLASS overrides it (gthread: the old model).
+worker_class = _env("GUNICORN_WORKER_CLASS", "apps.edge.EdgeWorker")
 
 # Processes, each with its own GIL: one per core. On 2 cores, 3 or 4 workers
 # gave no more throughput than 2 with zero-latency backends (more processes
 # contend for the same two cores and each holds its own pools). Range 1..4 x cores.
 workers = int(_env("GUNICORN_WORKERS", "2"))
 
-# Threads per worker: requests under way at once, per process, and the size of
-# each worker's keep-alive pool per backend. workers x threads bounds
-# throughput at (workers x threads) / backend latency: 32 / 20 ms = 1,600 req/s,
-# so raise it for slow backends. 8 and 16 cost the same CPU per request within
-# the benchmark's noise; 16 leaves room for slow backends.
+# Threads per worker, for gthread workers only (the echo backends; EdgeWorker
+# has a greenlet per connection instead, capped by LB_MAX_CLIENT_CONNECTIONS).
 threads = int(_env("GUNICORN_THREADS", "16"))
 
 # Each worker listens on its own socket (SO_REUSEPORT) and the kernel spreads
@@ -217,5 +215,3 @@ def post_fork(server, worker):
     admin = getattr(server, "admin_server", None)
     if admin is not None:
         admin.socket.close()
-    # Tell the app how many threads share its upstream pools (CLI may override `threads`).
-    os.environ["GUNICORN_WORKER_THREADS"] = str(worker.cfg.threads)

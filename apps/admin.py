@@ -114,6 +114,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
             problem = describe(exc)
         degraded = degraded_workers()
         return jsonify(
+            clients=client_load(),
             strategy=settings.strategy,
             pool=settings.pool,
             mode="degraded" if degraded or problem else "shared",
@@ -129,10 +130,21 @@ def create_app(config: Mapping[str, Any] | None = None, *,
         return Response(metrics.render(pool), mimetype=None,
                         headers={"Content-Type": metrics.CONTENT_TYPE})
 
+    def client_load() -> list[dict[str, int]]:
+        """Each live traffic worker's open client connections, requests under way and cap."""
+        alive = set(workers()) if workers is not None else set()
+        return [{"pid": pid, "connections": load.get("connections", 0),
+                 "requests": load.get("requests", 0), "cap": settings.max_client_connections}
+                for pid, load in sorted(metrics.worker_clients().items()) if pid in alive]
+
     @app.get("/ready")
     def ready() -> tuple[Response, int]:
         if workers is not None and not workers():
             return jsonify(ready=False, reasons=["no traffic worker is running"]), 503
+        load = client_load()
+        if load and len(load) == len(workers()) and \
+                all(w["connections"] >= w["cap"] for w in load):
+            return jsonify(ready=False, reasons=["every worker is at LB_MAX_CLIENT_CONNECTIONS"]), 503
         # Without Redis the balancer still serves, from per-worker state: ready, degraded.
         problem = pool.redis_problem()
         notes = [] if problem is None else [f"Redis {problem}: workers serve from their own state"]

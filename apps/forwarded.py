@@ -37,7 +37,9 @@ class Hop:
 def hop_of(environ: Mapping[str, object], trusted: tuple[Network, ...]) -> Hop:
     peer = str(environ.get("REMOTE_ADDR") or "")
     # Not wsgi.url_scheme: Gunicorn takes that from a trusted peer's X-Forwarded-Proto.
-    scheme = "https" if isinstance(environ.get("gunicorn.socket"), ssl.SSLSocket) else "http"
+    sock = environ.get("gunicorn.socket")
+    sock = getattr(sock, "raw", sock)  # apps/edge.py's ClientSocket wraps the real one
+    scheme = "https" if isinstance(sock, ssl.SSLSocket) else "http"
     return Hop(peer, scheme, str(environ.get("SERVER_PORT", "")),
                bool(trusted) and address_in(peer, trusted))
 

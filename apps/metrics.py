@@ -52,7 +52,36 @@ BLOCKS = Counter("lb_blocks_total", "Blocks started by this balancer's reports."
 INFLIGHT = Gauge("lb_upstream_inflight", "Requests under way to each backend, all workers.",
                  ["backend"], multiprocess_mode="livesum")
 
+# liveall: one value per live worker (label `pid`), read back by the admin's /status.
+CLIENT_CONNECTIONS = Gauge("lb_client_connections", "Client connections open, per worker.",
+                           multiprocess_mode="liveall")
+CLIENT_REQUESTS = Gauge("lb_client_requests", "Client requests being handled, per worker.",
+                        multiprocess_mode="liveall")
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def client_connections(open_: int, busy: int) -> None:
+    """Record a worker's open client connections and requests under way (apps/edge.py)."""
+    CLIENT_CONNECTIONS.set(open_)
+    CLIENT_REQUESTS.set(busy)
+
+
+def worker_clients() -> dict[int, dict[str, int]]:
+    """Each live worker's open client connections and requests under way, by pid,
+    from the multiprocess files (empty outside Gunicorn)."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return {}
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    names = {"lb_client_connections": "connections", "lb_client_requests": "requests"}
+    workers: dict[int, dict[str, int]] = {}
+    for metric in registry.collect():
+        for sample in metric.samples:
+            if sample.name in names and "pid" in sample.labels:
+                workers.setdefault(int(sample.labels["pid"]), {})[names[sample.name]] = \
+                    int(sample.value)
+    return workers
 
 
 class PoolCollector:

@@ -305,9 +305,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # Gunicorn's master makes the runtime dir; degraded workers leave a marker there.
     pool = Pool(settings, marker_dir=os.environ.get("LB_RUNTIME_DIR"),
                 state_file=state_file_for(settings))
-    # Gunicorn's post_fork hook tells each worker its thread count.
-    threads = int(os.environ.get("GUNICORN_WORKER_THREADS", "16"))
-    forwarder = Forwarder(settings, pool, Upstreams(settings, maxsize=threads),
+    # Kept-alive connections per backend: as many as this worker sends it at once
+    # below its in-flight cap (a pick over the cap opens one more, not kept).
+    forwarder = Forwarder(settings, pool, Upstreams(settings, maxsize=settings.max_inflight),
                           InFlight(settings.max_inflight))
     app.extensions["lb.forwarder"] = forwarder
     if settings.check_interval_s > 0:

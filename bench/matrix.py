@@ -137,7 +137,6 @@ def run_live(cells: list[Cell], env: dict[str, str], out: Path) -> list[dict[str
                 procs += [p for p, _ in echoes]
                 balancer, url, admin = start_balancer(
                     [u for _, u in echoes], redis_url, logs, workers=s.balancer_workers,
-                    threads=s.balancer_threads // s.balancer_workers,
                     env={**env, "LB_STRATEGY": cell.strategy})
                 procs.append(balancer)
                 result = load.measure(url, s.requests, s.clients, timeout=LIVE_TIMEOUT_S,

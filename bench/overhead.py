@@ -178,6 +178,13 @@ def measure(row: Row, load: Callable, connections: int, duration: float, c1_dura
 # --- the servers --------------------------------------------------------------------
 
 
+def balancer_worker_class() -> str:
+    """The worker class gunicorn_conf.py gives the balancer (environment included)."""
+    sys.path.insert(0, str(ROOT))
+    import gunicorn_conf
+    return gunicorn_conf.worker_class
+
+
 def gunicorn_shape() -> tuple[int, int]:
     """Workers and threads as gunicorn_conf.py sets them (environment included)."""
     sys.path.insert(0, str(ROOT))
@@ -241,7 +248,9 @@ def start_rows(args: argparse.Namespace, run_dir: Path, redis_url: str,
 
     if want("ceiling"):
         port = free_port()
-        proc = spawn("ceiling", gunicorn("bench.overhead:create_ceiling_app()", port),
+        # The balancer's own worker class, so that the ceiling is a like-for-like one.
+        proc = spawn("ceiling", gunicorn("bench.overhead:create_ceiling_app()", port,
+                                         worker_class=balancer_worker_class()),
                      {"GUNICORN_WORKERS": str(workers), "GUNICORN_THREADS": str(threads)},
                      run_dir, [port])
         keep(proc)

@@ -8,8 +8,9 @@ request id exactly as the echo app keys them).
 What is modelled: the pool's health checker (a probe per backend each
 LB_CHECK_INTERVAL_S, judged by the backend's phase); `clients` closed-loop clients (each sends its next request
 as soon as the last one ends, like the threaded benchmark's workers); the
-balancer's thread pool (Gunicorn workers x threads: requests beyond it wait in
-the accept queue); its per-backend in-flight cap; and each backend's thread
+balancer's connection slots (Gunicorn workers x LB_MAX_CLIENT_CONNECTIONS under
+apps/edge.py's EdgeWorker: requests beyond them wait in the accept queue); its
+per-backend in-flight cap; and each backend's thread
 pool (`backend_threads`: requests beyond it queue, so piling all traffic on one
 backend costs waiting). A backend's answer takes the drawn latency; an attempt
 that waits longer than the read timeout ends as a timeout while the backend
@@ -63,7 +64,7 @@ class Scenario:
     instances: int
     requests: int = 5000
     clients: int = 100             # the benchmark's workers
-    balancer_threads: int = 32     # Gunicorn workers x threads (the Procfile's 2 x 16)
+    balancer_slots: int = 2000     # requests served at once: workers x LB_MAX_CLIENT_CONNECTIONS
     balancer_workers: int = 2      # the in-flight cap is per worker
     backend_threads: int = 64      # each echo instance's threads (the Procfile's)
     id_offset: int = 0
@@ -174,7 +175,7 @@ class Simulation:
         self.by_id = {b.backend.id: b for b in self.backends}
         self.cap = self.settings.max_inflight * scenario.balancer_workers
         self.inflight: Counter[str] = Counter()
-        self.balancer_free = scenario.balancer_threads
+        self.balancer_free = scenario.balancer_slots
         self.accept_queue: deque[Callable[[], None]] = deque()
         self.latencies: list[float] = []
         self.errors = 0

@@ -126,9 +126,10 @@ def start_redis(log_dir: Path) -> tuple[Proc, str]:
     return proc, url
 
 
-def gunicorn(app: str, port: int, *options: str) -> list[str]:
+def gunicorn(app: str, port: int, *options: str, worker_class: str = "gthread") -> list[str]:
+    """A Gunicorn command line for a test backend: threaded, as the Procfile's echoes."""
     return [str(BIN / "gunicorn"), "-c", "gunicorn_conf.py", "-b", f"127.0.0.1:{port}",
-            *options, app]
+            "-k", worker_class, *options, app]
 
 
 def start_echo(instance: int, log_dir: Path, seed: int = 0, threads: int = 32,

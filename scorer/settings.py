@@ -274,6 +274,30 @@ TABLE: tuple[Setting, ...] = (
     Setting("LB_TLS_VERIFY", "1", parse_bool, "bool",
             "Check `https://` backends' certificates and host names. Turning this off "
             "is logged at start-up."),
+    # The client side (apps/edge.py): what a slow, idle or crowded client may hold.
+    Setting("LB_CLIENT_HEADER_TIMEOUT", "10", parse_seconds, "s",
+            "Time a client has to send a whole request head from its first byte; past it the "
+            "client gets 408 and the connection closes (a connection that sends nothing is "
+            "closed after Gunicorn's keep-alive time instead)."),
+    Setting("LB_CLIENT_BODY_TIMEOUT", "10", parse_seconds, "s",
+            "Longest pause between two reads of a request body; past it the client gets 408 "
+            "and the connection closes."),
+    Setting("LB_CLIENT_BODY_MIN_RATE", "1k", parse_size, "bytes/s",
+            "Slowest average a request body may arrive at, once LB_CLIENT_BODY_GRACE_S has "
+            "passed; slower gets 408, so a trickle of a byte a second is cut off too. 0: no "
+            "minimum."),
+    Setting("LB_CLIENT_BODY_GRACE_S", "5", number(0), "s",
+            "Time a body is given before LB_CLIENT_BODY_MIN_RATE applies."),
+    Setting("LB_CLIENT_SEND_TIMEOUT", "10", parse_seconds, "s",
+            "Time an answer may wait for the client to read more of it; past it the "
+            "connection is dropped."),
+    Setting("LB_MAX_CLIENT_CONNECTIONS", "1000", number(1, integer=True), "connections",
+            "Client connections one worker holds open. At the cap the one idle longest is "
+            "closed to admit a new one (else the one slowest to send its head; else the new "
+            "one gets 503)."),
+    Setting("LB_MAX_CONNECTIONS_PER_CLIENT", "256", number(0, integer=True), "connections",
+            "Connections one client address may hold open per worker, the same way; 0: no "
+            "limit. Peers in LB_TRUSTED_PROXIES are exempt."),
     Setting("LB_CONNECT_TIMEOUT", "1.0", parse_seconds, "s",
             "Time allowed to open a connection to a backend; past it the client gets "
             "504 (a refused connection gets 502)."),
@@ -303,11 +327,11 @@ TABLE: tuple[Setting, ...] = (
             "...plus this many, so that light traffic can still retry."),
     Setting("LB_RETRY_BUDGET_TAU_S", "10", number(0, low_open=True), "s",
             "Time constant of the recent request and retry counts the budget compares."),
-    Setting("LB_MAX_INFLIGHT", "8", number(1, integer=True), "requests",
+    Setting("LB_MAX_INFLIGHT", "64", number(1, integer=True), "requests",
             "Requests one worker process sends to one backend at once (like HAProxy's "
             "`maxconn`): a backend at its cap is passed over like a blocked one, so a "
-            "hanging backend cannot take every thread. When every backend is at its "
-            "cap, the request still goes out."),
+            "hanging backend cannot collect a worker's requests. When every backend is at "
+            "its cap, the request still goes out."),
     Setting("LB_ACCESS_LOG", "-", str, "path",
             "Where the balancer writes one JSON line per request: `-` for standard output, "
             "a file path to append to, or `off`."),
@@ -340,6 +364,9 @@ TABLE: tuple[Setting, ...] = (
     Setting("LB_REDIS_CA_FILE", "", str, "path",
             "CA bundle (PEM) trusted for a `rediss://` Redis; unset: the system's. "
             "Certificates are always checked."),
+    Setting("LB_REDIS_CONNECTIONS", "16", number(1, integer=True), "connections",
+            "Redis connections each balancer process keeps, shared by all its requests; a "
+            "request that finds them all in use waits up to LB_REDIS_TIMEOUT."),
     Setting("LB_REDIS_TIMEOUT", "0.25", parse_seconds, "s",
             "Connect and command timeout for Redis. Scripts are never retried "
             "automatically: a retried script whose reply was lost would run twice."),
@@ -435,6 +462,13 @@ class Settings:
     admin_port: int
     tls_ca_file: str
     tls_verify: bool
+    client_header_timeout: float
+    client_body_timeout: float
+    client_body_min_rate: int
+    client_body_grace_s: float
+    client_send_timeout: float
+    max_client_connections: int
+    max_connections_per_client: int
     connect_timeout: float
     read_timeout: float
     request_timeout: float
@@ -458,6 +492,7 @@ class Settings:
     admin_token: str = field(repr=False)  # never printed with the settings
     redis_ca_file: str
     redis_timeout: float
+    redis_connections: int
     score_min: float
     score_max: float
     score_threshold: float

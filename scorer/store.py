@@ -6,19 +6,23 @@ in-process fakeredis server (with lupa): each worker keeps its own cursor and
 scores until Redis answers again. A background thread checks Redis every
 `retry_s` seconds, so no request waits on a dead Redis more than once.
 
-Scripts are run with EVALSHA on a connection each thread keeps for itself,
-not through redis-py's `Script` and connection pool, whose pool checkout, pid
-checks and retry wrapper showed up in the proxy's profile (README,
-"Performance"). On Redis Cluster the cluster client routes each call.
+Scripts are run with EVALSHA on a connection lent from a small, bounded set
+per process (LB_REDIS_CONNECTIONS), not through redis-py's `Script` and
+connection pool, whose pool checkout, pid checks and retry wrapper showed up
+in the proxy's profile (README, "Performance"). On Redis Cluster the cluster
+client routes each call.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import threading
+import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import fakeredis
 import redis
@@ -28,6 +32,9 @@ from redis.exceptions import NoScriptError
 
 log = logging.getLogger("lb.store")
 
+# A lent connection unused for longer is checked for a close by Redis first.
+STALE_CHECK_S = 1.0
+
 # Written to check that Redis accepts writes again after an outage.
 PROBE_KEY = "lb:probe"
 
@@ -36,20 +43,51 @@ PROBE_KEY = "lb:probe"
 _STORES: "weakref.WeakSet[Store]" = weakref.WeakSet()
 
 
-class _Lease:
-    """A connection one thread keeps from a client's pool, given back when the
-    thread ends (its thread-local values are dropped then): short-lived threads,
-    such as the admin listener's, must not leave a connection each behind."""
+class _Lender:
+    """At most `size` connections to Redis, each lent to one caller at a time.
 
-    def __init__(self, pool: redis.ConnectionPool, generation: int) -> None:
-        self.pool, self.generation = pool, generation
-        self.conn = pool.get_connection()
+    Not a connection per thread: under the gevent worker (apps/edge.py) a thread
+    is a greenlet, one per client connection, so that would mean thousands of
+    connections. A caller that finds every connection lent waits at most
+    `wait_s`, then gets a ConnectionError like any other Redis failure.
+    """
 
-    def __del__(self) -> None:
+    def __init__(self, pool: redis.ConnectionPool, size: int, wait_s: float) -> None:
+        self._pool, self._wait_s = pool, wait_s
+        self._idle: list[tuple[redis.Connection, float]] = []  # and when it came back
+        self._slots = threading.BoundedSemaphore(size)
+
+    @contextlib.contextmanager
+    def lend(self) -> Iterator[redis.Connection]:
+        if not self._slots.acquire(timeout=self._wait_s):
+            raise redis.ConnectionError("every Redis connection of this process is in use")
         try:
-            self.pool.release(self.conn)
-        except Exception:  # at interpreter exit the pool may be half gone
-            pass
+            conn = self._take()
+            try:
+                yield conn
+            finally:
+                # A disconnected one reconnects on its next use.
+                self._idle.append((conn, time.monotonic()))
+        finally:
+            self._slots.release()
+
+    def _take(self) -> redis.Connection:
+        if not self._idle:
+            return self._pool.make_connection()
+        conn, since = self._idle.pop()
+        sock = getattr(conn, "_sock", None)
+        # A connection that sat unused may have been closed by a restarted Redis:
+        # it would fail the call, and a failed script call is never retried. An idle
+        # connection has nothing to read, so anything readable (the end) means gone.
+        if sock is not None and time.monotonic() - since > STALE_CHECK_S and \
+                select.select([sock], [], [], 0)[0]:
+            conn.disconnect()
+        return conn
+
+    def close(self) -> None:
+        """Disconnect the idle connections (those lent now disconnect on error)."""
+        for conn, _ in self._idle:
+            conn.disconnect()
 
 
 class Store:
@@ -57,7 +95,8 @@ class Store:
 
     def __init__(self, factory: Callable[[], redis.Redis], scripts: dict[str, str], *,
                  degrade: bool = True, retry_s: float = 1.0,
-                 marker_dir: str | None = None) -> None:
+                 marker_dir: str | None = None, connections: int = 16,
+                 wait_s: float = 0.25) -> None:
         self._factory = factory
         self._sources = scripts
         self._degrade = degrade
@@ -67,13 +106,13 @@ class Store:
         self._client: redis.Redis | None = None
         self._scripts: dict[str, Script] = {}
         self._local: redis.Redis | None = None
-        self._threads = threading.local()  # each thread's _Lease
-        self._generation = 0  # bumped when Redis comes back: older connections are dropped
+        self._size, self._wait_s = connections, wait_s
+        self._lender: _Lender | None = None
         self.degraded = False
         _STORES.add(self)
 
     def _after_fork(self) -> None:
-        self._client, self._threads, self._local, self.degraded = None, threading.local(), None, False
+        self._client, self._lender, self._local, self.degraded = None, None, None, False
 
     @property
     def redis(self) -> redis.Redis:
@@ -88,6 +127,8 @@ class Store:
                     client = self._factory()
                     self._scripts = {name: client.register_script(source)
                                      for name, source in self._sources.items()}
+                    if not isinstance(client, redis.cluster.RedisCluster):
+                        self._lender = _Lender(client.connection_pool, self._size, self._wait_s)
                     self._client = client
                     self._local, self.degraded = None, False
         return self._client
@@ -109,13 +150,13 @@ class Store:
 
     def _evalsha(self, client: redis.Redis, script: Script, keys: Sequence[str],
                  args: Sequence[Any]) -> Any:
-        """EVALSHA on this thread's own connection; the script is loaded if Redis lacks it."""
-        lease = getattr(self._threads, "lease", None)
-        if lease is None or lease.generation != self._generation:
-            if lease is not None:
-                lease.conn.disconnect()  # opened before an outage: may be dead
-            lease = self._threads.lease = _Lease(client.connection_pool, self._generation)
-        conn = lease.conn
+        """EVALSHA on a lent connection; the script is loaded if Redis lacks it."""
+        with self._lender.lend() as conn:
+            return self._evalsha_on(conn, script, keys, args)
+
+    @staticmethod
+    def _evalsha_on(conn: redis.Connection, script: Script, keys: Sequence[str],
+                    args: Sequence[Any]) -> Any:
         try:
             try:
                 conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
@@ -164,8 +205,7 @@ class Store:
                 if isinstance(self.redis, redis.cluster.RedisCluster):
                     self.redis.disconnect_connection_pools()
                 else:
-                    self.redis.connection_pool.disconnect()
-                self._generation += 1
+                    self._lender.close()
                 log.warning("Redis is back: shared state again")
                 self._mark(False)
                 # The next outage starts from scratch, not from this one's leftovers.

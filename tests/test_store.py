@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import signal
+import time
 import threading
 
 import pytest
@@ -12,6 +13,7 @@ import redis
 
 from apps.admin import create_app
 from scorer.pool import Outcome, Pool, connect, pool_key
+from scorer import store
 from scorer.redis_server import server_command
 from scorer.settings import load_settings
 from tests.support import free_port, spawn, wait_for
@@ -118,7 +120,7 @@ def test_a_forked_child_does_not_share_its_parents_connection(real_redis):
     assert pool.pick().port == 9001
     child = os.fork()
     if child == 0:  # the child: a fresh connection of its own, then two picks
-        ok = getattr(pool.store._threads, "lease", None) is None and \
+        ok = pool.store._lender is None and \
             [pool.pick().port for _ in range(2)] == [9002, 9003]
         os._exit(0 if ok else 1)
     _, status = os.waitpid(child, 0)
@@ -168,3 +170,40 @@ def test_a_redis_that_wants_a_password_says_so(tmp_path, caplog):
         assert not right.store.degraded
     finally:
         proc.stop()
+
+
+def test_many_threads_share_a_few_connections(real_redis):
+    # Under the gevent worker every client connection is a thread of its own.
+    import threading
+
+    pool = Pool(load_settings(environ={"LB_POOL": "lend", "LB_REDIS_CONNECTIONS": "3"}),
+                redis_factory=lambda: real_redis)
+    pool.pick()
+    before = len(real_redis.client_list())
+    start = threading.Barrier(40)
+
+    def picks() -> None:
+        start.wait()
+        for _ in range(5):
+            pool.pick()
+
+    threads = [threading.Thread(target=picks) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(real_redis.client_list()) <= before + 2  # three at most, one made already
+    assert not pool.store.degraded
+    assert int(real_redis.hget(pool_key("lend"), "cursor")) == (1 + 40 * 5 - 1) % 3
+
+
+@pytest.mark.e2e
+def test_a_connection_closed_by_a_restarted_redis_is_not_lent_again(own_redis, monkeypatch):
+    url, procs, start = own_redis
+    # The admin listener does not degrade: a dead connection would cost it a 503.
+    pool = Pool(load_settings(environ={"REDIS_URL": url, "LB_POOL": "stale"}), degrade=False)
+    assert pool.pick().port == 9001
+    procs.pop().stop(signal.SIGKILL)
+    procs.append(start())  # empty, and the lent connection's socket is closed
+    monkeypatch.setattr(store, "STALE_CHECK_S", 0.0)  # as if it had been idle a while
+    assert pool.pick().port == 9001  # a fresh connection; the pool is seeded again
