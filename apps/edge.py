@@ -257,10 +257,15 @@ class EdgeWorker(GeventWorker):
             settings.max_client_connections, settings.max_connections_per_client,
             exempt=lambda peer: bool(trusted) and address_in(peer, trusted),
             on_change=metrics.client_connections)
+        metrics.client_connections(0, 0)  # so /status lists this worker from the start
         # Gunicorn's pool only stops accepting when full; the caps are ours, so its
         # pool leaves room above them for the connections being turned away.
         self.worker_connections = settings.max_client_connections + 128
         super().init_process()
+
+    def run(self) -> None:
+        quiet_when_out_of_descriptors(gevent.get_hub(), self.log)
+        super().run()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """SIGTERM: stop, and close the idle keep-alive connections at once; Gunicorn
@@ -299,6 +304,23 @@ class EdgeWorker(GeventWorker):
             sock.end_request()
             if not self.alive:  # shutting down: no next request on this connection
                 sock.cut = True
+
+
+def quiet_when_out_of_descriptors(hub: Any, log: Any) -> None:
+    """One warning a second, not a traceback per try, while accepting fails for want
+    of descriptors: gevent's server backs off and tries again by itself."""
+    print_exception = hub.print_exception
+    last = [0.0]
+
+    def print_or_warn(context: Any, kind: Any, value: Any, tb: Any) -> None:
+        if isinstance(value, OSError) and value.errno in (errno.EMFILE, errno.ENFILE):
+            if time.monotonic() - last[0] >= 1.0:
+                last[0] = time.monotonic()
+                log.warning("out of file descriptors: new connections wait (%s)", value)
+            return
+        print_exception(context, kind, value, tb)
+
+    hub.print_exception = print_or_warn
 
 
 def raise_open_files_limit() -> None:

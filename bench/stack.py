@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import redis
 
@@ -144,8 +145,10 @@ def start_echo(instance: int, log_dir: Path, seed: int = 0, threads: int = 32,
 
 def start_balancer(backends: list[str], redis_url: str, log_dir: Path, *,
                    workers: int = 2, threads: int = 8, name: str = "proxy",
-                   env: dict[str, str] | None = None) -> tuple[Proc, str, str]:
-    """Start the balancer under Gunicorn; return it, its traffic URL and its admin URL."""
+                   env: dict[str, str] | None = None,
+                   prefix: Sequence[str] = ()) -> tuple[Proc, str, str]:
+    """Start the balancer under Gunicorn; return it, its traffic URL and its admin URL.
+    `prefix` goes before the command (say `prlimit --nofile=...`, which execs it)."""
     port, admin_port = free_port(), free_port()
     settings = {"LB_BACKENDS": ",".join(backends), "REDIS_URL": redis_url,
                 "LB_STATE_DIR": str(log_dir / "lb-state"),
@@ -154,7 +157,7 @@ def start_balancer(backends: list[str], redis_url: str, log_dir: Path, *,
                 # not find an earlier stack's cursor, scores or membership in Redis.
                 "LB_POOL": f"test-{port}-{uuid.uuid4().hex[:8]}", "GUNICORN_WORKERS": str(workers),
                 "GUNICORN_THREADS": str(threads), **(env or {})}
-    argv = [str(BIN / "gunicorn"), "-c", "gunicorn_conf.py", "apps.proxy:create_app()"]
+    argv = [*prefix, str(BIN / "gunicorn"), "-c", "gunicorn_conf.py", "apps.proxy:create_app()"]
     proc = spawn(name, argv, settings, log_dir, [port, admin_port])
     try:  # the first worker to listen opens the port; wait for all of them
         wait_for(lambda: listeners(port) >= workers or proc.popen.poll() is not None,
