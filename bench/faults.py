@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import threading
 import time
@@ -247,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     most = max((r["checkers_at_once"] for r in results.values()), default=0)
     print(f"{'checkers':<14}{'never more than 1':<26}{'yes' if most <= 1 else 'NO':<6}"
           f"at most {most} checker(s) probing within any second")
-    print(f"client-visible errors: " + ", ".join(f"{n} {r['errors']}/{r['answers']}"
+    print("client-visible errors: " + ", ".join(f"{n} {r['errors']}/{r['answers']}"
                                                  for n, r in results.items()))
     print(f"\nwrote {args.out}")
     return 0
