@@ -129,7 +129,18 @@ class Forwarder:
         if refused is not None:
             return refused
         settings = self.settings
-        body = RequestBody.read(req.environ, settings.max_body, settings.retry_buffer)
+        # Read whole before any backend is picked (unless LB_REQUEST_BUFFERING=0),
+        # so that a slow upload holds no backend and every attempt can send it.
+        body = RequestBody.read(req.environ, settings.max_body, settings.retry_buffer,
+                                buffering=settings.request_buffering)
+        try:
+            return self.forward(req, body, request_id)
+        finally:
+            body.close()  # every attempt has sent the body by now (or failed)
+
+    def forward(self, req: Request, body: RequestBody, request_id: str) -> Response:
+        """Attempts and retries, within the retry budget and the request's deadline."""
+        settings = self.settings
         target = request_target(req.environ.get("RAW_URI") or req.full_path)
         deadline = time.monotonic() + settings.request_timeout
         tried: list[Backend] = []
