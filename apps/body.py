@@ -1,17 +1,20 @@
-"""The client's request body: held in memory when small, streamed when large.
+"""The client's request body: read whole before a backend is picked, or streamed.
 
-A body up to `buffer` bytes is read whole, so a retry can send it again. A
-larger one (or a chunked upload that outgrows the buffer) is streamed to the
-backend in bounded memory: what was read so far, then the rest as it arrives.
+A body up to `buffer` bytes is held in memory. A larger one (or a chunked
+upload that outgrows the buffer) is read on into a temporary file, as nginx's
+`proxy_request_buffering` does, so that a slow upload holds no backend and a
+retry can send it again; with buffering off it is streamed to the backend in
+bounded memory instead: what was read so far, then the rest as it arrives.
 Either way the total is capped at `limit` (413 past it), with or without a
 Content-Length.
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from typing import IO, Any, Iterator, Mapping
 
-from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge, RequestTimeout
 
 CHUNK = 64 * 1024
 
@@ -34,20 +37,30 @@ class ClientGone(BadRequest):
     description = "the request body ended early or could not be read"
 
 
+class BodyTooSlow(RequestTimeout):
+    """The client's body stalled or trickled past the balancer's deadline (408)."""
+
+    description = "the request body arrived too slowly"
+
+
 @dataclass
 class RequestBody:
-    """A request body, whole (`complete`) or as a prefix plus the unread rest."""
+    """A request body: whole (`complete`) in memory or in a temporary file
+    (`spool`), or as a prefix plus the unread rest (`stream`)."""
 
     prefix: bytes
     complete: bool
-    length: int | None  # the declared Content-Length, None for a chunked upload
+    length: int | None  # the declared Content-Length (or spooled size), None for chunked
     stream: IO[bytes] | None = None
     limit: int = 0
     started: bool = False  # streaming began: the body cannot be sent again
+    spool: IO[bytes] | None = None
 
     @classmethod
-    def read(cls, environ: Mapping[str, Any], limit: int, buffer: int) -> RequestBody:
-        """Read up to `buffer` bytes of the body; raise 413 when it is over `limit`."""
+    def read(cls, environ: Mapping[str, Any], limit: int, buffer: int,
+             buffering: bool = True) -> RequestBody:
+        """Read the body (up to `buffer` bytes of it unless `buffering`); raise 413
+        when it is over `limit`. The caller must `close` it."""
         stream = environ["wsgi.input"]
         raw_length = environ.get("CONTENT_LENGTH")
         length = int(raw_length) if raw_length else None  # Gunicorn has checked it
@@ -62,12 +75,30 @@ class RequestBody:
                 if len(prefix) < length:
                     raise ClientGone()
                 return cls(prefix, True, length)
-            return cls(prefix, False, length, stream, limit)
-        if len(prefix) > limit:
+        elif len(prefix) > limit:
             raise RequestEntityTooLarge()
-        if len(prefix) <= buffer:
+        elif len(prefix) <= buffer:
             return cls(prefix, True, None)
-        return cls(prefix, False, None, stream, limit)
+        rest = cls(prefix, False, length, stream, limit)
+        return rest.spooled() if buffering else rest
+
+    def spooled(self) -> RequestBody:
+        """This body read to its end into a temporary file, which has no name on
+        disk (so it is gone with the process whatever happens) and is closed here
+        if the body breaks off or outgrows the limit."""
+        spool = tempfile.TemporaryFile()
+        try:
+            for chunk in self._stream():  # checks the limit and the declared length
+                spool.write(chunk)
+        except BaseException:
+            spool.close()
+            raise
+        return RequestBody(b"", True, spool.tell(), spool=spool)
+
+    def close(self) -> None:
+        """Delete the temporary file, if any."""
+        if self.spool is not None:
+            self.spool.close()
 
     @property
     def replayable(self) -> bool:
@@ -75,16 +106,25 @@ class RequestBody:
         return self.complete or not self.started
 
     def content_length(self) -> int | None:
-        """The Content-Length to send upstream; None means none (no body, or chunked)."""
-        if self.complete:
+        """The Content-Length to send upstream; None means none (no body, or chunked).
+        A spooled chunked upload has one: its size."""
+        if self.complete and self.spool is None:
             return len(self.prefix) if self.prefix or self.length is not None else None
         return self.length
 
     def upstream(self) -> bytes | Iterator[bytes] | None:
-        """What to hand urllib3: the bytes, or an iterator that streams the rest once."""
+        """What to hand urllib3: the bytes, an iterator over the temporary file from
+        its start (each call), or one that streams the rest once."""
+        if self.spool is not None:
+            return self._replay()
         if self.complete:
             return self.prefix or None
         return self._stream()
+
+    def _replay(self) -> Iterator[bytes]:
+        self.spool.seek(0)
+        while chunk := self.spool.read(CHUNK):
+            yield chunk
 
     def _stream(self) -> Iterator[bytes]:
         self.started = True
@@ -107,9 +147,10 @@ class RequestBody:
 
 
 def _read(stream: IO[bytes], size: int) -> bytes:
-    """Read up to `size` bytes; a client read error becomes ClientGone.
+    """Read up to `size` bytes; a client read error becomes ClientGone, a read
+    past the client's deadline (TimeoutError) BodyTooSlow.
 
-    Not an OSError on purpose: urllib3 would take an OSError raised while
+    Not OSErrors on purpose: urllib3 would take an OSError raised while
     sending the body for the backend's failure.
     """
     chunks, got = [], 0
@@ -120,6 +161,8 @@ def _read(stream: IO[bytes], size: int) -> bytes:
                 break
             chunks.append(chunk)
             got += len(chunk)
+    except TimeoutError as exc:
+        raise BodyTooSlow() from exc
     except Exception as exc:
         raise ClientGone() from exc
     return b"".join(chunks)

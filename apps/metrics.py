@@ -37,7 +37,8 @@ if values.ValueClass is not values.MutexValue:  # multiprocess mode (under Gunic
     values.ValueClass = values.MultiProcessValue(process_identifier=lambda: _pid)
 
 ATTEMPTS = Counter("lb_upstream_attempts_total",
-                   "Upstream attempts, by backend and result (status class or transport error).",
+                   "Upstream attempts, by backend and result (status class, transport error, "
+                   "or client: ended by the client, not reported to the scorer).",
                    ["backend", "result"])
 LATENCY = Histogram("lb_upstream_latency_seconds",
                     "Time from sending a request upstream to the response head.", ["backend"],

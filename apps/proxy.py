@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import urllib3
 from flask import Flask, Request, Response, g, request
+from werkzeug.exceptions import HTTPException
 
 from apps import metrics
 from apps.addresses import AddressPolicy
@@ -129,7 +130,18 @@ class Forwarder:
         if refused is not None:
             return refused
         settings = self.settings
-        body = RequestBody.read(req.environ, settings.max_body, settings.retry_buffer)
+        # Read whole before any backend is picked (unless LB_REQUEST_BUFFERING=0),
+        # so that a slow upload holds no backend and every attempt can send it.
+        body = RequestBody.read(req.environ, settings.max_body, settings.retry_buffer,
+                                buffering=settings.request_buffering)
+        try:
+            return self.forward(req, body, request_id)
+        finally:
+            body.close()  # every attempt has sent the body by now (or failed)
+
+    def forward(self, req: Request, body: RequestBody, request_id: str) -> Response:
+        """Attempts and retries, within the retry budget and the request's deadline."""
+        settings = self.settings
         target = request_target(req.environ.get("RAW_URI") or req.full_path)
         deadline = time.monotonic() + settings.request_timeout
         tried: list[Backend] = []
@@ -198,7 +210,10 @@ class Forwarder:
                                            body.upstream(), timeout)
         except UpstreamError as err:
             return self.failed(req, backend, err, time.monotonic() - started)
-        except BaseException:  # the client's body was too large or broke off
+        except HTTPException:  # the client's body broke off, stalled or grew too large
+            self.client_ended(backend)
+            raise
+        except BaseException:
             self.inflight.release(backend)
             raise
         latency = time.monotonic() - started
@@ -215,8 +230,8 @@ class Forwarder:
                 self.report(Outcome(backend, latency, status=status))
             else:
                 content = BodyStream(upstream, start_stream(upstream),
-                                     on_end=lambda err: self.stream_ended(backend, latency,
-                                                                          status, err))
+                                     on_end=lambda err, complete: self.stream_ended(
+                                         backend, latency, status, err, complete))
         except UpstreamError as err:
             return self.failed(req, backend, err, latency)
         if content is None:
@@ -253,14 +268,27 @@ class Forwarder:
         return Failure(backend, error=err)
 
     def stream_ended(self, backend: Backend, latency: float, status: int,
-                     err: UpstreamError | None) -> None:
-        """A streamed body is done with: free the slot, and report the attempt once."""
+                     err: UpstreamError | None, complete: bool) -> None:
+        """A streamed body is done with: free the slot, and report the attempt once,
+        unless the client left before its end."""
+        if err is None and not complete:
+            self.client_ended(backend)
+            return
         self.inflight.release(backend)
         if err is None:
             self.report(Outcome(backend, latency, status=status))
         else:
             self.report(Outcome(backend, latency, error=err.kind))
             log.warning("upstream %s broke off a streamed body: %s", backend.id, err)
+
+    def client_ended(self, backend: Backend) -> None:
+        """An attempt the client ended (its body broke off, stalled or grew too large
+        while streamed; it left or stopped reading a streamed answer): the slot is
+        freed, and nothing is reported, as the backend is not at fault. A trial
+        ended so stays in flight until LB_REQUEST_TIMEOUT has passed, when the
+        next passing health check offers another (report.lua)."""
+        self.inflight.release(backend)
+        metrics.ATTEMPTS.labels(backend.id, "client").inc()
 
     def report(self, outcome: Outcome) -> None:
         backend = outcome.backend.id

@@ -289,14 +289,16 @@ def start_stream(response: urllib3.BaseHTTPResponse) -> tuple[bytes, Iterator[by
 class BodyStream:
     """A response body relayed piece by piece.
 
-    `on_end` runs exactly once, with None or the UpstreamError that cut the
-    body short: when the body is done, or when the WSGI server closes the
-    stream (the client left), even if it was never iterated (a HEAD answer).
+    `on_end(error, complete)` runs exactly once: (None, True) when the body is
+    done; (the UpstreamError, False) when the backend cut it short; (None,
+    False) when the WSGI server closed the stream before its end, even if it
+    was never iterated: the client left or stopped reading, no fault of the
+    backend's.
     """
 
     def __init__(self, response: urllib3.BaseHTTPResponse,
                  start: tuple[bytes, Iterator[bytes]],
-                 on_end: Callable[[UpstreamError | None], None]) -> None:
+                 on_end: Callable[[UpstreamError | None, bool], None]) -> None:
         self._response = response
         self._first, self._rest = start
         self._on_end = on_end
@@ -325,7 +327,7 @@ class BodyStream:
         if not complete:  # leftovers must not reach the next request on this connection
             self._response.close()
         self._response.release_conn()
-        self._on_end(error)
+        self._on_end(error, complete)
 
 
 def discard(response: urllib3.BaseHTTPResponse) -> None:

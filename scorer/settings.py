@@ -309,9 +309,15 @@ TABLE: tuple[Setting, ...] = (
     Setting("LB_MAX_BODY", "10m", parse_size, "bytes",
             "Largest request body accepted (suffixes k, m, g); larger ones get 413."),
     Setting("LB_RETRY_BUFFER", "1m", parse_size, "bytes",
-            "Request bodies up to this size are held in memory so that they can be sent "
-            "again on a retry. Larger ones are streamed, and retried only when no "
-            "connection could be opened."),
+            "Request bodies up to this size are held in memory, larger ones in a temporary "
+            "file; either way they can be sent again on a retry. With "
+            "LB_REQUEST_BUFFERING=0 larger ones are streamed instead, and retried only "
+            "when no connection could be opened."),
+    Setting("LB_REQUEST_BUFFERING", "1", parse_bool, "bool",
+            "Read the whole request body before picking a backend, as nginx's "
+            "`proxy_request_buffering`, so that a slow upload holds no backend (a chunked "
+            "upload goes out with a `Content-Length`). 0: bodies over LB_RETRY_BUFFER are "
+            "streamed to the backend as they arrive."),
     Setting("LB_RETRIES", "1", number(0, 10, integer=True), "attempts",
             "Extra attempts after a failed one, each on a different backend."),
     Setting("LB_RETRY_NON_IDEMPOTENT", "0", parse_bool, "bool",
@@ -474,6 +480,7 @@ class Settings:
     request_timeout: float
     max_body: int
     retry_buffer: int
+    request_buffering: bool
     retries: int
     retry_non_idempotent: bool
     retry_on_status: frozenset[int]

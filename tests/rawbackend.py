@@ -5,6 +5,7 @@ Routes go by the first path segment (`/dieafterhead/x` dies too):
     /headbig       200 with a chunked body of 200 KB (headers only for HEAD)
     /dieafterhead  a head promising 100000 bytes, then the connection closes
     /diemidbody    a chunked head, 100 KB of body, then the connection closes
+    /endless       a chunked body that never ends, until the reader hangs up
     /early         103 Early Hints before the real 200
     /tecl          both Transfer-Encoding: chunked and a (wrong) Content-Length
     /ownheaders    200 with the backend's own X-Upstream and X-Request-ID
@@ -83,6 +84,14 @@ class RawBackend(SocketServer):
             conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                          + b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2)
             return False
+        if route == "/endless":
+            chunk = b"z" * 65536
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            try:
+                while True:
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:  # the balancer let go of it
+                return False
         if route == "/early":
             conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
                          b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")

@@ -1,11 +1,15 @@
-"""Header and target rules of the proxy (pure functions)."""
+"""Header and target rules of the proxy (pure functions), and how a streamed answer ends."""
 from __future__ import annotations
 
+import io
+
 import pytest
+import urllib3
 
 from apps.forwarded import Hop, hop_of
 from apps.upstream import (
-    client_response_headers, cookie_header, hop_by_hop, request_target, upstream_request_headers,
+    BodyStream, client_response_headers, cookie_header, hop_by_hop, request_target,
+    start_stream, upstream_request_headers,
 )
 from scorer.settings import load_settings, parse_networks
 
@@ -193,3 +197,32 @@ def test_a_slot_taken_by_another_thread_between_flags_and_pick_sends_the_pick_el
     # Every backend at its cap now: the pick goes over a cap on purpose, and keeps its slot.
     assert forwarder.choose([]) in (first, second)
     assert inflight.count(first) + inflight.count(second) == 3
+
+
+def body_stream(size: int, ends: list) -> BodyStream:
+    """A streamed answer of `size` bytes, as urllib3 hands it over; `ends` records on_end."""
+    response = urllib3.HTTPResponse(io.BytesIO(b"b" * size), status=200,
+                                    headers={"Content-Length": str(size)},
+                                    preload_content=False)
+    return BodyStream(response, start_stream(response),
+                      on_end=lambda err, complete: ends.append((err, complete)))
+
+
+def test_a_streamed_answer_read_to_its_end_is_complete():
+    ends: list = []
+    assert len(b"".join(body_stream(200_000, ends))) == 200_000
+    assert ends == [(None, True)]
+
+
+@pytest.mark.parametrize("pieces", [0, 1])
+def test_a_streamed_answer_closed_before_its_end_is_the_clients_doing(pieces):
+    """The WSGI server closes the stream early when the client left or stopped reading:
+    no error, and not complete, so that the backend is not reported for it."""
+    ends: list = []
+    stream = body_stream(200_000, ends)
+    chunks = iter(stream)
+    for _ in range(pieces):
+        next(chunks)
+    stream.close()
+    stream.close()
+    assert ends == [(None, False)]
