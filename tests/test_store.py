@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import signal
-import time
 import threading
 
 import pytest
