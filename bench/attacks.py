@@ -33,6 +33,7 @@ connection unless `keepalive`; it records the status and latency of each.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import resource
@@ -114,8 +115,9 @@ def _endless_head() -> Iterator[bytes]:
         yield from _bytes_of(f"X-Slow-{i}: {i}\r\n".encode())
 
 
+@functools.lru_cache(maxsize=4)
 def json_body(length: int) -> bytes:
-    """A JSON document of exactly `length` bytes (at least 8)."""
+    """A JSON document of exactly `length` bytes (at least 8); one copy per length."""
     return b'{"p":"' + b"x" * (length - 8) + b'"}'
 
 
@@ -169,11 +171,9 @@ def _endless_chunked(loop, sock) -> Awaitable[None]:
 
 
 def _never_read(size: int) -> Writer:
-    body = json_body(size)   # one copy for every connection
-
     async def write(loop, sock) -> None:
         await loop.sock_sendall(sock, _post_head("/never-read", f"Content-Length: {size}"))
-        await loop.sock_sendall(sock, body)
+        await loop.sock_sendall(sock, json_body(size))
         await _forever()
     return write
 
