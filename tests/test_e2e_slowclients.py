@@ -3,9 +3,10 @@
 A real balancer (2 workers, short client deadlines) over 3 echo instances;
 the attacker and the probe of bench/attacks.py run on threads of this
 process, the attacker from addresses of its own (127.0.<n>.x), the probe
-from 127.0.0.1. Every test is marked `edge`: it needs issue 13's EdgeWorker,
-its client deadlines (set short here) and its connection caps (at their
-defaults). Under the gthread worker every one of them fails.
+from 127.0.0.1. Every test needs issue 13's EdgeWorker: its client deadlines
+(set short here) and its connection caps (at their defaults). Under the gthread
+worker every one of them fails: until those settings exist, they are expected
+to (strictly: one that passes is reported).
 """
 from __future__ import annotations
 
@@ -18,11 +19,19 @@ import requests
 from bench.attacks import ProbeResult, Tally, raise_fd_limit, start_attack, start_probe
 from bench.slowclients import COUNTS, sources_of
 from bench.stack import usage_of
+from scorer.settings import TABLE
 from tests.support import (
     ESTABLISHED, sockets_of, start_balancer, start_echo, tcp_sockets, wait_for, worker_pids,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.edge]
+EDGE_SETTINGS = ("LB_CLIENT_HEADER_TIMEOUT", "LB_CLIENT_BODY_TIMEOUT", "LB_CLIENT_SEND_TIMEOUT",
+                 "LB_MAX_CLIENT_CONNECTIONS", "LB_MAX_CONNECTIONS_PER_CLIENT")
+MISSING = [name for name in EDGE_SETTINGS if name not in {s.name for s in TABLE}]
+needs_edge_worker = pytest.mark.xfail(
+    bool(MISSING), strict=True,
+    reason=f"needs issue 13's EdgeWorker: {', '.join(MISSING)} not settings yet")
+
+pytestmark = [pytest.mark.e2e, needs_edge_worker]
 
 DEADLINE_S = 2
 DEADLINES = {"LB_CLIENT_HEADER_TIMEOUT": str(DEADLINE_S),
@@ -71,7 +80,9 @@ def stack(redis_server, tmp_path_factory):
 
 
 def probe(stack: Stack, seconds: float) -> list[ProbeResult]:
-    runner, _ = start_probe(stack.target, PROBE_RATE, seconds, "127.0.0.1", timeout=5)
+    # Any answer slower than LIVENESS_S fails the test: no need to wait long for one.
+    runner, _ = start_probe(stack.target, PROBE_RATE, seconds, "127.0.0.1",
+                            timeout=2 * LIVENESS_S)
     return runner.result(seconds + 30)
 
 
