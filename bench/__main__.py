@@ -6,6 +6,7 @@
     faults        time-varying backends, live, against the health-check targets (bench/faults.py)
     clients       CPU cost per request of requests.Session vs urllib3 (bench/clients.py)
     overhead      the balancer's cost per request against Flask, direct and nginx (bench/overhead.py)
+    slowclients   a paced probe beside slow, idle and never-reading clients (bench/slowclients.py)
 
 `python -m bench <command> --help` lists each command's options.
 """
@@ -17,7 +18,7 @@ import sys
 
 COMMANDS = {"matrix": "bench.matrix", "tune": "bench.tune", "faults": "bench.faults",
             "clients": "bench.clients",
-            "overhead": "bench.overhead"}
+            "overhead": "bench.overhead", "slowclients": "bench.slowclients"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ import subprocess
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import Mapping
 from urllib.parse import urlsplit
 
 # Latency histogram: log-spaced buckets 1% wide (100 per factor e), 1 us to 100 s.
@@ -92,8 +93,10 @@ class _Stats:
         self.cpu_s = 0.0
 
 
-async def _read_response(reader: asyncio.StreamReader, head_only: bool) -> tuple[int, bool]:
-    """Read one whole response; return its status and whether the connection stays open."""
+async def read_response(reader: asyncio.StreamReader,
+                        head_only: bool = False) -> tuple[int, bool, bytes]:
+    """Read one whole response; return its status, whether the connection stays open,
+    and its body."""
     while True:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -112,21 +115,24 @@ async def _read_response(reader: asyncio.StreamReader, head_only: bool) -> tuple
     else:
         keep = not http10
     if head_only or status in (204, 304):
-        return status, keep
+        return status, keep, b""
     at = lower.find(b"\r\ncontent-length:")
+    body = b""
     if at >= 0:
         length = int(lower[at + 17:lower.index(b"\r\n", at + 17)])
         if length:
-            await reader.readexactly(length)
+            body = await reader.readexactly(length)
     elif b"chunked" in lower and b"\r\ntransfer-encoding:" in lower:
+        chunks = []
         while size := int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16):
-            await reader.readexactly(size + 2)      # the chunk and its CRLF
+            chunks.append((await reader.readexactly(size + 2))[:-2])   # the chunk, no CRLF
         while await reader.readuntil(b"\r\n") != b"\r\n":
             pass                                    # trailers
+        body = b"".join(chunks)
     else:
-        await reader.read()                         # delimited by the close
+        body = await reader.read()                  # delimited by the close
         keep = False
-    return status, keep
+    return status, keep, body
 
 
 class _Connection:
@@ -163,7 +169,7 @@ class _Connection:
             self.sent_at = sent = perf()
             try:
                 self.writer.write(request)
-                status, keep = await _read_response(self.reader, head_only)
+                status, keep, _ = await read_response(self.reader, head_only)
             except (OSError, EOFError, ValueError, asyncio.LimitOverrunError, _Closed) as exc:
                 # An idle kept-alive connection closed by the server is no error: reconnect.
                 failed = self.timed_out or fresh or not isinstance(exc, _Closed)
@@ -243,10 +249,13 @@ def _percentile_ms(hist: list[int], total: int, q: float) -> float:
     return math.nan
 
 
-def _request_bytes(method: str, host: str, port: int, target: str, body: bytes) -> bytes:
+def request_bytes(method: str, host: str, port: int, target: str, body: bytes,
+                  headers: Mapping[str, str] | None = None) -> bytes:
+    """One HTTP/1.1 request, ready to write: a Content-Length when there is a body."""
     head = f"{method} {target} HTTP/1.1\r\nHost: {host}:{port}\r\n"
     if body or method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
         head += f"Content-Length: {len(body)}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     return head.encode("latin-1") + b"\r\n" + body
 
 
@@ -265,7 +274,7 @@ def run(url: str, connections: int, duration_s: float, processes: int | None = N
         raise ValueError("need connections >= 1 and duration_s > 0")
     port = parts.port or 80
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    request = _request_bytes(method.upper(), parts.hostname, port, target, body)
+    request = request_bytes(method.upper(), parts.hostname, port, target, body)
     processes = max(1, min(processes or os.cpu_count() or 1, connections))
     # "spawn": a fork of a parent that runs threads (pytest, the benchmark) can deadlock.
     ctx = multiprocessing.get_context("spawn")

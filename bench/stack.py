@@ -72,6 +72,44 @@ def listeners(port: int) -> int:
     return len(tcp_sockets(port, LISTEN))
 
 
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rpartition(")")[2].split()[1])
+
+
+def worker_pids(master: int) -> list[int]:
+    """The pids of a Gunicorn master's workers (its children)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if parent_of(int(entry)) == master:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one process holds, from /proc."""
+
+    rss_kb: int
+    fds: int
+    threads: int
+
+
+def usage_of(pid: int) -> Usage:
+    """A live process's resident memory, open descriptors and threads."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            fields[name] = value.split()
+    return Usage(int(fields["VmRSS"][0]), len(os.listdir(f"/proc/{pid}/fd")),
+                 int(fields["Threads"][0]))
+
+
 @dataclass
 class Proc:
     """A process started by a test, with its output captured to a file."""

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from bench.stack import (  # noqa: F401  (re-exported for the tests)
-    BIN, ESTABLISHED, ROOT, Proc, free_port, gunicorn, port_open, spawn, start_balancer,
-    start_echo, start_redis, tcp_sockets, wait_for,
+    BIN, ESTABLISHED, ROOT, Proc, free_port, gunicorn, parent_of, port_open, spawn,
+    start_balancer, start_echo, start_redis, tcp_sockets, wait_for, worker_pids,
 )
 
 
@@ -44,24 +44,6 @@ class SocketServer:
 def connections_to(port: int) -> int:
     """Established TCP connections whose server side is `port`."""
     return len(tcp_sockets(port, ESTABLISHED))
-
-
-def parent_of(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as stat:
-        return int(stat.read().rpartition(")")[2].split()[1])
-
-
-def worker_pids(master: int) -> list[int]:
-    """The pids of a Gunicorn master's workers (its children)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if parent_of(int(entry)) == master:
-                    pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
 
 
 def sockets_of(pid: int) -> set[str]:
