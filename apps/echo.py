@@ -188,6 +188,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         return jsonify(id=name, state=faults.state(), elapsed_s=faults.elapsed(),
                        health_probes=list(faults.probes), **dataclasses.asdict(profile))
 
+    @app.get("/bytes/<int:count>")
+    def some_bytes(count: int) -> Response:
+        """`count` bytes (at most ECHO_MAX_BODY): a large answer without a large upload,
+        for clients that ask for one and never read it (bench/attacks.py)."""
+        if count > max_body:
+            return json_error(413, f"at most {max_body} bytes")
+        return Response(b"x" * count, mimetype="application/octet-stream")
+
     @app.route("/", defaults={"path": ""}, methods=ECHO_METHODS)
     @app.route("/<path:path>", methods=ECHO_METHODS)
     def echo(path: str) -> Response:

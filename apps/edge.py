@@ -246,7 +246,9 @@ class ClientConnections:
 class EdgeWorker(GeventWorker):
     """Gunicorn's gevent worker with client deadlines and connection caps (see above)."""
 
-    def init_process(self) -> None:
+    def load_wsgi(self) -> None:
+        # Here, not in init_process: gevent has patched the standard library by now,
+        # and what these import (redis, ssl) must see the patched modules.
         from apps import metrics
         from scorer.settings import address_in, load_settings
         settings = load_settings()
@@ -261,7 +263,7 @@ class EdgeWorker(GeventWorker):
         # Gunicorn's pool only stops accepting when full; the caps are ours, so its
         # pool leaves room above them for the connections being turned away.
         self.worker_connections = settings.max_client_connections + 128
-        super().init_process()
+        super().load_wsgi()
 
     def run(self) -> None:
         quiet_when_out_of_descriptors(gevent.get_hub(), self.log)

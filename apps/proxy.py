@@ -29,6 +29,7 @@ from werkzeug.exceptions import HTTPException
 from apps import metrics
 from apps.addresses import AddressPolicy
 from apps.body import RequestBody, foreign_codings
+from apps.buffered import BufferedBody
 from apps.errors import json_error, register_json_errors
 from apps.forwarded import hop_of
 from apps.health import HealthChecker
@@ -225,13 +226,19 @@ class Forwarder:
                     length.isdigit() and int(length) <= STREAM_CHUNK):
                 # Small bodies are read whole; a retryable answer is kept (if small)
                 # to relay in case no retry follows.
-                content: bytes | BodyStream | None = read_capped(upstream, STREAM_CHUNK)
+                content: bytes | BodyStream | BufferedBody | None = read_capped(
+                    upstream, STREAM_CHUNK)
                 self.inflight.release(backend)
                 self.report(Outcome(backend, latency, status=status))
             else:
-                content = BodyStream(upstream, start_stream(upstream),
-                                     on_end=lambda err, complete: self.stream_ended(
-                                         backend, latency, status, err, complete))
+                on_end = lambda err, complete: self.stream_ended(  # noqa: E731
+                    backend, latency, status, err, complete)
+                if settings.response_buffering:  # the backend is free when it is done
+                    content = BufferedBody(upstream, start_stream(upstream), on_end,
+                                           memory=settings.response_buffer,
+                                           disk=settings.max_response_temp)
+                else:
+                    content = BodyStream(upstream, start_stream(upstream), on_end=on_end)
         except UpstreamError as err:
             return self.failed(req, backend, err, latency)
         if content is None:

@@ -8,8 +8,8 @@ seconds, all on one asyncio loop (a socket and a few tasks per connection):
     slow_body_small  a complete head with Content-Length 5,000, then one body byte a second
     slow_body_large  the same with Content-Length 5,000,000
     endless_chunked  a chunked upload: a small chunk every second, never the last one
-    never_read       a POST of a 4 MB JSON body (the echo backend answers as much),
-                     with a small SO_RCVBUF, and not one byte of the answer read
+    never_read       a GET of a 4 MB answer (the echo backend's /bytes/<n>), with a
+                     small SO_RCVBUF, and not one byte of the answer read
     idle             connects and sends nothing
 
 A connection the server closes is opened again (after a pause that doubles
@@ -170,12 +170,11 @@ def _endless_chunked(loop, sock) -> Awaitable[None]:
                     chunks, TRICKLE_INTERVAL_S)
 
 
-def _never_read(size: int) -> Writer:
-    async def write(loop, sock) -> None:
-        await loop.sock_sendall(sock, _post_head("/never-read", f"Content-Length: {size}"))
-        await loop.sock_sendall(sock, json_body(size))
-        await _forever()
-    return write
+async def _never_read(loop, sock) -> None:
+    # The size is read at each connection, so a caller may set NEVER_READ_BODY.
+    await loop.sock_sendall(
+        sock, f"GET /bytes/{NEVER_READ_BODY} HTTP/1.1\r\nHost: lb\r\n\r\n".encode())
+    await _forever()
 
 
 async def _idle(loop, sock) -> None:
@@ -242,7 +241,7 @@ KINDS: dict[str, Kind] = {
     "slow_body_small": Kind(_slow_body(SMALL_BODY)),
     "slow_body_large": Kind(_slow_body(LARGE_BODY)),
     "endless_chunked": Kind(_endless_chunked),
-    "never_read": Kind(_never_read(NEVER_READ_BODY), _watch_unread, NEVER_READ_RCVBUF),
+    "never_read": Kind(_never_read, _watch_unread, NEVER_READ_RCVBUF),
     "idle": Kind(_idle),
 }
 

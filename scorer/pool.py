@@ -123,8 +123,7 @@ class Pool:
                            {name: load_lua(name)
                             for name in ("pick", "report", "checker", "members")},
                            degrade=degrade, retry_s=settings.redis_retry_s,
-                           marker_dir=marker_dir, connections=settings.redis_connections,
-                           wait_s=settings.redis_timeout)
+                           marker_dir=marker_dir, connections=settings.redis_connections)
         self.state_file = state_file
         self._config = members_mod.fingerprint(settings.backends)
         self._lock = threading.Lock()

@@ -318,6 +318,16 @@ TABLE: tuple[Setting, ...] = (
             "`proxy_request_buffering`, so that a slow upload holds no backend (a chunked "
             "upload goes out with a `Content-Length`). 0: bodies over LB_RETRY_BUFFER are "
             "streamed to the backend as they arrive."),
+    Setting("LB_RESPONSE_BUFFERING", "1", parse_bool, "bool",
+            "Read a backend's answer as fast as the backend sends it, as nginx's "
+            "`proxy_buffering`, so that a client reading slowly (or not at all) holds no "
+            "backend. 0: large answers are relayed at the client's pace."),
+    Setting("LB_RESPONSE_BUFFER", "256k", parse_size, "bytes",
+            "Part of an answer the client has not read yet that is held in memory; the rest "
+            "goes to a temporary file..."),
+    Setting("LB_MAX_RESPONSE_TEMP", "1g", parse_size, "bytes",
+            "...of at most this size per answer; past it the backend is read no faster than "
+            "the client reads."),
     Setting("LB_RETRIES", "1", number(0, 10, integer=True), "attempts",
             "Extra attempts after a failed one, each on a different backend."),
     Setting("LB_RETRY_NON_IDEMPOTENT", "0", parse_bool, "bool",
@@ -372,7 +382,7 @@ TABLE: tuple[Setting, ...] = (
             "Certificates are always checked."),
     Setting("LB_REDIS_CONNECTIONS", "16", number(1, integer=True), "connections",
             "Redis connections each balancer process keeps, shared by all its requests; a "
-            "request that finds them all in use waits up to LB_REDIS_TIMEOUT."),
+            "request that finds them all in use waits for one."),
     Setting("LB_REDIS_TIMEOUT", "0.25", parse_seconds, "s",
             "Connect and command timeout for Redis. Scripts are never retried "
             "automatically: a retried script whose reply was lost would run twice."),
@@ -481,6 +491,9 @@ class Settings:
     max_body: int
     retry_buffer: int
     request_buffering: bool
+    response_buffering: bool
+    response_buffer: int
+    max_response_temp: int
     retries: int
     retry_non_idempotent: bool
     retry_on_status: frozenset[int]

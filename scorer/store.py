@@ -48,19 +48,19 @@ class _Lender:
 
     Not a connection per thread: under the gevent worker (apps/edge.py) a thread
     is a greenlet, one per client connection, so that would mean thousands of
-    connections. A caller that finds every connection lent waits at most
-    `wait_s`, then gets a ConnectionError like any other Redis failure.
+    connections. A caller that finds every connection lent waits for one: each
+    is lent for one command, bounded by the socket timeout, and a busy worker
+    is not a Redis outage.
     """
 
-    def __init__(self, pool: redis.ConnectionPool, size: int, wait_s: float) -> None:
-        self._pool, self._wait_s = pool, wait_s
+    def __init__(self, pool: redis.ConnectionPool, size: int) -> None:
+        self._pool = pool
         self._idle: list[tuple[redis.Connection, float]] = []  # and when it came back
         self._slots = threading.BoundedSemaphore(size)
 
     @contextlib.contextmanager
     def lend(self) -> Iterator[redis.Connection]:
-        if not self._slots.acquire(timeout=self._wait_s):
-            raise redis.ConnectionError("every Redis connection of this process is in use")
+        self._slots.acquire()
         try:
             conn = self._take()
             try:
@@ -95,8 +95,7 @@ class Store:
 
     def __init__(self, factory: Callable[[], redis.Redis], scripts: dict[str, str], *,
                  degrade: bool = True, retry_s: float = 1.0,
-                 marker_dir: str | None = None, connections: int = 16,
-                 wait_s: float = 0.25) -> None:
+                 marker_dir: str | None = None, connections: int = 16) -> None:
         self._factory = factory
         self._sources = scripts
         self._degrade = degrade
@@ -106,7 +105,7 @@ class Store:
         self._client: redis.Redis | None = None
         self._scripts: dict[str, Script] = {}
         self._local: redis.Redis | None = None
-        self._size, self._wait_s = connections, wait_s
+        self._size = connections
         self._lender: _Lender | None = None
         self.degraded = False
         _STORES.add(self)
@@ -128,7 +127,7 @@ class Store:
                     self._scripts = {name: client.register_script(source)
                                      for name, source in self._sources.items()}
                     if not isinstance(client, redis.cluster.RedisCluster):
-                        self._lender = _Lender(client.connection_pool, self._size, self._wait_s)
+                        self._lender = _Lender(client.connection_pool, self._size)
                     self._client = client
                     self._local, self.degraded = None, False
         return self._client

@@ -3,10 +3,8 @@
 A real balancer (2 workers, short client deadlines) over 3 echo instances;
 the attacker and the probe of bench/attacks.py run on threads of this
 process, the attacker from addresses of its own (127.0.<n>.x), the probe
-from 127.0.0.1. Every test needs issue 13's EdgeWorker: its client deadlines
-(set short here) and its connection caps (at their defaults). Under the gthread
-worker every one of them fails: until those settings exist, they are expected
-to (strictly: one that passes is reported).
+from 127.0.0.1. Under the old gthread worker every one of these failed: the
+probe got no answer at all beside any of the mixes.
 """
 from __future__ import annotations
 
@@ -16,22 +14,26 @@ from dataclasses import dataclass
 import pytest
 import requests
 
+from bench import attacks
 from bench.attacks import ProbeResult, Tally, raise_fd_limit, start_attack, start_probe
 from bench.slowclients import COUNTS, sources_of
 from bench.stack import usage_of
-from scorer.settings import TABLE
 from tests.support import (
     ESTABLISHED, sockets_of, start_balancer, start_echo, tcp_sockets, wait_for, worker_pids,
 )
 
-EDGE_SETTINGS = ("LB_CLIENT_HEADER_TIMEOUT", "LB_CLIENT_BODY_TIMEOUT", "LB_CLIENT_SEND_TIMEOUT",
-                 "LB_MAX_CLIENT_CONNECTIONS", "LB_MAX_CONNECTIONS_PER_CLIENT")
-MISSING = [name for name in EDGE_SETTINGS if name not in {s.name for s in TABLE}]
-needs_edge_worker = pytest.mark.xfail(
-    bool(MISSING), strict=True,
-    reason=f"needs issue 13's EdgeWorker: {', '.join(MISSING)} not settings yet")
+pytestmark = pytest.mark.e2e
 
-pytestmark = [pytest.mark.e2e, needs_edge_worker]
+
+@pytest.fixture(autouse=True)
+def smaller_unread_answers(monkeypatch):
+    # 1 MB answers, not the benchmark's 4 MB: 100 clients asking for 4 MB at once
+    # are a 400 MB burst that 2 cores, shared with the attacker and the backends,
+    # take seconds of CPU to move, and the probe then measures that, not whether
+    # a client that never reads can hold anything (python -m bench slowclients
+    # reports the 4 MB case).
+    monkeypatch.setattr(attacks, "NEVER_READ_BODY", 1_000_000)
+
 
 DEADLINE_S = 2
 DEADLINES = {"LB_CLIENT_HEADER_TIMEOUT": str(DEADLINE_S),
@@ -152,13 +154,22 @@ def backend_counters(admin: str) -> dict[str, tuple]:
             for b in backends}
 
 
-def test_attempts_ended_by_the_client_leave_backend_counters_unchanged(stack):
+def test_clients_that_end_their_attempts_are_never_held_against_a_backend(stack):
     baseline = warmed_baseline(stack)
     before = backend_counters(stack.admin)
     runner, _ = start_attack(stack.target, CLIENT_FAULTS, HOLD_S,
                              sources_of(4))
     tallies = runner.result(HOLD_S + 30)
     assert_fds_come_back(stack, baseline)  # every attempt is over
-    # Backends did answer the never-read requests: their attempts were real.
-    assert tallies["never_read"].statuses[200] > 0, tallies["never_read"].as_dict()
-    assert backend_counters(stack.admin) == before
+    after = backend_counters(stack.admin)
+    # Slow and endless uploads never reached a backend (the body comes first); the
+    # never-read answers were read whole from the backends (response buffering),
+    # each one request and one ok; nothing else moved: no failure, no block.
+    answered = tallies["never_read"].statuses[200]
+    assert answered > 0, tallies["never_read"].as_dict()
+    assert sum(a[0] - b[0] for a, b in zip(after.values(), before.values())) == answered
+    for backend, (requests_, outcomes, _, blocks) in after.items():
+        _, outcomes_before, _, blocks_before = before[backend]
+        assert blocks == blocks_before, backend
+        assert {k: v for k, v in outcomes.items() if k != "ok"} == \
+            {k: v for k, v in outcomes_before.items() if k != "ok"}, backend
