@@ -12,7 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.support import free_port, gunicorn, spawn, start_balancer, wait_for, worker_pids
+from tests.support import (
+    free_port, gunicorn, spawn, start_balancer, start_echo, wait_for, worker_pids,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -162,3 +164,31 @@ def test_the_status_of_a_live_worker_counts_its_connections(slow_backend, redis_
         assert os.path.exists(f"/proc/{worker}")
     finally:
         proc.stop()
+
+
+def test_a_client_that_never_reads_holds_no_backend_and_is_dropped(redis_server, tmp_path):
+    # A backend with one thread: while it is held, nobody else gets an answer.
+    echo, echo_url = start_echo(0, tmp_path, threads=1, ECHO_MAX_BODY="40000000")
+    proc, url, admin = one_worker(echo_url, redis_server, tmp_path,
+                                  LB_CLIENT_SEND_TIMEOUT="3")
+    port = int(url.rsplit(":", 1)[1])
+    connections = lambda: requests.get(f"{admin}/status", timeout=5).json()[  # noqa: E731
+        "clients"][0]["connections"]
+    try:
+        lazy = socket.socket()
+        lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        lazy.connect(("127.0.0.1", port))
+        # 30 MB: far more than the kernel's buffers on both sides hold.
+        lazy.sendall(b"GET /bytes/30000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert lazy.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 200")
+        # The answer was read from the backend whole: its one thread serves others
+        # while the client that asked still has not read it.
+        assert requests.post(f"{url}/x", json={"a": 1}, timeout=20).json() == {"a": 1}
+        assert connections() == 1
+        # Then the client that never reads is dropped, after LB_CLIENT_SEND_TIMEOUT.
+        wait_for(lambda: connections() == 0, timeout=20, what="the lazy client dropped")
+        lazy.close()
+        assert "Traceback" not in proc.output()
+    finally:
+        proc.stop()
+        echo.stop()
