@@ -213,9 +213,10 @@ def post_worker_init(worker):
 
 
 def post_fork(server, worker):
-    # Workers must not hold the master's admin socket open.
+    # Workers must not hold the master's admin sockets open: not the listener,
+    # and not its client connections, which the master's close would then not end.
     admin = getattr(server, "admin_server", None)
     if admin is not None:
-        admin.socket.close()
+        admin.close_inherited()
     # Tell the app how many threads share its upstream pools (CLI may override `threads`).
     os.environ["GUNICORN_WORKER_THREADS"] = str(worker.cfg.threads)

@@ -131,6 +131,12 @@ class Store:
             conn.disconnect()  # a reply may still be on its way: never read it as the next one
             raise
 
+    def release_thread(self) -> None:
+        """Give this thread's connection back to the pool, which checks it before
+        handing it out again: for long-lived threads that serve a request now and
+        then (the admin listener's), whose kept connection may find Redis restarted."""
+        self._threads.__dict__.pop("lease", None)  # _Lease.__del__ gives it back
+
     def problem(self) -> str | None:
         """None when Redis answers now, else what is wrong, in words (see `describe`)."""
         try:
