@@ -258,23 +258,14 @@ def test_an_answer_the_client_does_not_read_is_dropped_after_the_send_timeout():
 
 
 def test_2000_half_heads_never_lock_out_a_probe_and_add_no_thread():
+    # Rounds of 100 slow heads, each past the cap, a probe after each. (A probe that
+    # raced a flood could be pushed out between connecting and sending its request:
+    # no cap helps a client that is slower than the flood turning the cap over.)
     with serving(max_connections=64) as (server, _):
         threads = threading.active_count()
-        held: list[socket.socket] = []
-        answered = threading.Semaphore(0)
-
-        def attack() -> None:
-            for _ in range(20):  # 100 connections at a time, a probe answered between
-                held.extend(connect(server, b"GET /status HTTP/1.1\r\nHost: x\r\nX-")
-                            for _ in range(100))
-                answered.acquire(timeout=30)
-
-        attacker = threading.Thread(target=attack)
-        attacker.start()
-        probes = []
-        while attacker.is_alive():
-            probes.append(get(server, "/status")[0])
+        for _ in range(20):
+            for _ in range(100):
+                connect(server, b"GET /status HTTP/1.1\r\nHost: x\r\nX-")
+            assert get(server, "/status")[0] == 200
             assert server.connections().total() <= 64 and admin_threads() == HANDLERS + 1
-            answered.release()
-        assert len(held) == 2000 and len(probes) >= 20 and set(probes) == {200}
-        assert threading.active_count() == threads
+        assert len(CLIENTS) == 2000 and threading.active_count() == threads
