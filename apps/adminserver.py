@@ -40,7 +40,7 @@ log = logging.getLogger("lb.admin")
 
 MAX_HEAD = 16 * 1024  # request line and headers; nginx's large_client_header_buffers is 32k
 HANDLERS = 4  # the admin's work is a Redis round trip or two: a few threads keep up
-# Accepts per loop turn, well under any cap: a new connection gets several turns
+# Accepts per loop turn, well under the default cap: a new connection gets turns
 # to send its request before a flood of newer ones could make it the oldest.
 ACCEPT_BATCH = 32
 READ_CHUNK = 64 * 1024
