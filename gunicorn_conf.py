@@ -211,7 +211,8 @@ def post_worker_init(worker):
 
 
 def post_fork(server, worker):
-    # Workers must not hold the master's admin socket open.
+    # Workers must not hold the master's admin sockets open: not the listener,
+    # and not its client connections, which the master's close would then not end.
     admin = getattr(server, "admin_server", None)
     if admin is not None:
-        admin.socket.close()
+        admin.close_inherited()

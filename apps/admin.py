@@ -1,8 +1,8 @@
 """The admin listener: the balancer's own endpoints, on their own port.
 
-It runs in a thread of the Gunicorn master (started by `when_ready` in
-gunicorn_conf.py), not in the workers, so it answers even when every worker
-thread is busy with traffic. It reads the shared state from Redis, like any
+It runs in threads of the Gunicorn master (apps/adminserver.py, started by
+`when_ready` in gunicorn_conf.py), not in the workers, so it answers even when
+every worker thread is busy with traffic. It reads the shared state from Redis, like any
 worker would.
 
     GET /         the dashboard: a live table of backends and charts (apps/dashboard.html)
@@ -28,7 +28,6 @@ import hmac
 import json
 import logging
 import os
-import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -36,10 +35,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from flask import Flask, Response, abort, jsonify, request
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from apps import metrics
 from apps.addresses import AddressPolicy
+from apps.adminserver import AdminServer
 from apps.errors import json_error, register_json_errors
 from apps.logs import log_through_gunicorn
 from scorer.members import (
@@ -305,17 +304,12 @@ def check_token(expected: str, authorization: str) -> Response | None:
     return None
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_request(self, *args: Any, **kwargs: Any) -> None:
-        pass  # status polls would drown the balancer's own log
-
-
 def start_admin_server(settings: Settings,
-                       workers: Callable[[], Sequence[int]]) -> BaseWSGIServer:
-    """Bind the admin listener and serve it from a daemon thread; return the server."""
+                       workers: Callable[[], Sequence[int]]) -> AdminServer:
+    """Bind the admin listener and serve it from its own threads; return the server."""
     log_through_gunicorn()  # the master's lines too: escaped, in Gunicorn's format
-    app = create_app(workers=workers)
-    server = make_server(settings.admin_host, settings.admin_port, app,
-                         threaded=True, request_handler=_QuietHandler)
-    threading.Thread(target=server.serve_forever, name="lb-admin", daemon=True).start()
-    return server
+    return AdminServer(create_app(workers=workers), settings.admin_host, settings.admin_port,
+                       header_timeout=settings.admin_header_timeout,
+                       body_timeout=settings.admin_body_timeout,
+                       send_timeout=settings.admin_send_timeout,
+                       max_connections=settings.admin_max_connections, max_body=MAX_BODY)

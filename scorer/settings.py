@@ -269,6 +269,20 @@ TABLE: tuple[Setting, ...] = (
     Setting("LB_ADMIN_TOKEN", "", str, "secret",
             "Bearer token for the admin endpoints that change state (`POST /backends/<id>/reset`). "
             "Unset: those endpoints are off."),
+    Setting("LB_ADMIN_HEADER_TIMEOUT", "10", parse_seconds, "s",
+            "Time an admin client has to send its whole request head; past it the admin "
+            "listener answers 408 and closes (a connection that sent nothing is just closed)."),
+    Setting("LB_ADMIN_BODY_TIMEOUT", "10", parse_seconds, "s",
+            "Time an admin client has to send its request body once the head is in; past "
+            "it, 408."),
+    Setting("LB_ADMIN_SEND_TIMEOUT", "10", parse_seconds, "s",
+            "An admin answer that the client does not take for this long is dropped; so is "
+            "a connection the client leaves open this long after its answer."),
+    Setting("LB_ADMIN_MAX_CONNECTIONS", "256", number(1, 65536, integer=True), "connections",
+            "Connections the admin listener keeps open at most. At the cap it closes one "
+            "done with its answer, else the oldest one still sending its request, to admit "
+            "the new one. Bounds the request data it holds to this x 80 KiB (a 16 KiB head "
+            "and a 64 KiB body each)."),
     Setting("LB_TLS_CA_FILE", "", str, "path",
             "CA bundle (PEM) trusted for `https://` backends; unset: the system's."),
     Setting("LB_TLS_VERIFY", "1", parse_bool, "bool",
@@ -476,6 +490,10 @@ class Settings:
     port: int
     admin_host: str
     admin_port: int
+    admin_header_timeout: float
+    admin_body_timeout: float
+    admin_send_timeout: float
+    admin_max_connections: int
     tls_ca_file: str
     tls_verify: bool
     client_header_timeout: float
