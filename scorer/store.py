@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import threading
-import time
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -31,9 +29,6 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
 log = logging.getLogger("lb.store")
-
-# A lent connection unused for longer is checked for a close by Redis first.
-STALE_CHECK_S = 1.0
 
 # Written to check that Redis accepts writes again after an outage.
 PROBE_KEY = "lb:probe"
@@ -55,7 +50,7 @@ class _Lender:
 
     def __init__(self, pool: redis.ConnectionPool, size: int) -> None:
         self._pool = pool
-        self._idle: list[tuple[redis.Connection, float]] = []  # and when it came back
+        self._idle: list[redis.Connection] = []
         self._slots = threading.BoundedSemaphore(size)
 
     @contextlib.contextmanager
@@ -66,27 +61,29 @@ class _Lender:
             try:
                 yield conn
             finally:
-                # A disconnected one reconnects on its next use.
-                self._idle.append((conn, time.monotonic()))
+                self._idle.append(conn)  # a disconnected one reconnects on its next use
         finally:
             self._slots.release()
 
     def _take(self) -> redis.Connection:
         if not self._idle:
             return self._pool.make_connection()
-        conn, since = self._idle.pop()
-        sock = getattr(conn, "_sock", None)
-        # A connection that sat unused may have been closed by a restarted Redis:
-        # it would fail the call, and a failed script call is never retried. An idle
-        # connection has nothing to read, so anything readable (the end) means gone.
-        if sock is not None and time.monotonic() - since > STALE_CHECK_S and \
-                select.select([sock], [], [], 0)[0]:
+        conn = self._idle.pop()
+        # A restarted Redis has closed the connections it had: one would fail the
+        # call, and a failed script call is never retried. An idle connection has
+        # nothing to read, so anything readable (the end) means it is gone. One
+        # read attempt with no wait: a few microseconds.
+        try:
+            stale = getattr(conn, "_sock", None) is not None and conn.can_read(timeout=0)
+        except (redis.ConnectionError, OSError):
+            stale = True
+        if stale:
             conn.disconnect()
         return conn
 
     def close(self) -> None:
         """Disconnect the idle connections (those lent now disconnect on error)."""
-        for conn, _ in self._idle:
+        for conn in self._idle:
             conn.disconnect()
 
 

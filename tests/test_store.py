@@ -12,7 +12,6 @@ import redis
 
 from apps.admin import create_app
 from scorer.pool import Outcome, Pool, connect, pool_key
-from scorer import store
 from scorer.redis_server import server_command
 from scorer.settings import load_settings
 from tests.support import free_port, spawn, wait_for
@@ -197,12 +196,11 @@ def test_many_threads_share_a_few_connections(real_redis):
 
 
 @pytest.mark.e2e
-def test_a_connection_closed_by_a_restarted_redis_is_not_lent_again(own_redis, monkeypatch):
+def test_a_connection_closed_by_a_restarted_redis_is_not_lent_again(own_redis):
     url, procs, start = own_redis
     # The admin listener does not degrade: a dead connection would cost it a 503.
     pool = Pool(load_settings(environ={"REDIS_URL": url, "LB_POOL": "stale"}), degrade=False)
     assert pool.pick().port == 9001
     procs.pop().stop(signal.SIGKILL)
     procs.append(start())  # empty, and the lent connection's socket is closed
-    monkeypatch.setattr(store, "STALE_CHECK_S", 0.0)  # as if it had been idle a while
     assert pool.pick().port == 9001  # a fresh connection; the pool is seeded again
