@@ -34,6 +34,11 @@ def one_worker(backend: str, redis_server: str, tmp_path, prefix=(), **env: str)
                           env={"LB_CHECK_INTERVAL_S": "0", **env})
 
 
+def clients_of(admin: str) -> list[dict]:
+    """/status's per-worker client load (a worker still starting is not listed yet)."""
+    return requests.get(f"{admin}/status", timeout=5).json()["clients"]
+
+
 def raw_get(port: int, path: str, source: str = "127.0.0.1") -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -58,9 +63,9 @@ def test_a_full_worker_says_so_in_status_and_ready_and_turns_newcomers_away(
     port = int(url.rsplit(":", 1)[1])
     try:
         assert requests.get(f"{admin}/ready", timeout=5).status_code == 200
-        held = [raw_get(port, "/sleep/3") for _ in range(4)]  # four requests under way
-        wait_for(lambda: requests.get(f"{admin}/status", timeout=5).json()["clients"][0][
-            "requests"] == 4, what="four requests under way")
+        held = [raw_get(port, "/sleep/3.0") for _ in range(4)]  # four requests under way
+        wait_for(lambda: [c["requests"] for c in clients_of(admin)] == [4],
+                 what="four requests under way")
         clients = requests.get(f"{admin}/status", timeout=5).json()["clients"]
         assert [(c["connections"], c["requests"], c["cap"]) for c in clients] == [(4, 4, 4)]
         ready = requests.get(f"{admin}/ready", timeout=5)
@@ -83,11 +88,11 @@ def test_one_address_cannot_take_every_connection(slow_backend, redis_server, tm
                               LB_MAX_CONNECTIONS_PER_CLIENT="2")
     port = int(url.rsplit(":", 1)[1])
     try:
-        mine = [raw_get(port, "/sleep/2") for _ in range(2)]
+        mine = [raw_get(port, "/sleep/2.0") for _ in range(2)]
         time.sleep(0.3)  # let both be admitted before the third arrives
-        assert answer(raw_get(port, "/sleep/0")).startswith(b"HTTP/1.1 503")
+        assert answer(raw_get(port, "/sleep/0.0")).startswith(b"HTTP/1.1 503")
         # Another address still gets in.
-        assert answer(raw_get(port, "/sleep/0", source="127.0.0.2")).startswith(b"HTTP/1.1 200")
+        assert answer(raw_get(port, "/sleep/0.0", source="127.0.0.2")).startswith(b"HTTP/1.1 200")
         assert all(answer(s).startswith(b"HTTP/1.1 200") for s in mine)
     finally:
         proc.stop()
@@ -111,7 +116,7 @@ def test_running_out_of_descriptors_never_ends_a_worker(slow_backend, redis_serv
         time.sleep(1)  # the worker meets the limit while these are open
         for sock in flood:
             sock.close()
-        wait_for(lambda: requests.get(f"{url}/sleep/0", timeout=2).status_code == 200,
+        wait_for(lambda: requests.get(f"{url}/sleep/0.0", timeout=2).status_code == 200,
                  timeout=20, what="the worker serving again")
         assert worker_pids(proc.popen.pid) == [worker]  # the same worker, never restarted
         assert proc.popen.poll() is None
@@ -128,11 +133,11 @@ def test_idle_keepalive_connections_do_not_hold_up_a_shutdown(slow_backend, redi
     sessions = [requests.Session() for _ in range(40)]
     try:
         with ThreadPoolExecutor(8) as pool:  # each session now holds an idle connection
-            assert set(pool.map(lambda s: s.get(f"{url}/sleep/0", timeout=5).status_code,
+            assert set(pool.map(lambda s: s.get(f"{url}/sleep/0.0", timeout=5).status_code,
                                 sessions)) == {200}
         # One request still under way: it finishes, the idle ones close at once.
         with ThreadPoolExecutor(1) as pool:
-            late = pool.submit(requests.get, f"{url}/sleep/1", timeout=10)
+            late = pool.submit(requests.get, f"{url}/sleep/1.0", timeout=10)
             time.sleep(0.3)
             started = time.monotonic()
             code = proc.stop(signal.SIGTERM, timeout=10)
@@ -153,13 +158,13 @@ def test_the_status_of_a_live_worker_counts_its_connections(slow_backend, redis_
     proc, url, admin = one_worker(slow_backend, redis_server, tmp_path)
     try:
         session = requests.Session()
-        assert session.get(f"{url}/sleep/0", timeout=5).status_code == 200
+        assert session.get(f"{url}/sleep/0.0", timeout=5).status_code == 200
         (worker,) = worker_pids(proc.popen.pid)
-        clients = requests.get(f"{admin}/status", timeout=5).json()["clients"]
+        clients = clients_of(admin)
         assert clients == [{"pid": worker, "connections": 1, "requests": 0, "cap": 1000}]
         session.close()
-        wait_for(lambda: requests.get(f"{admin}/status", timeout=5).json()["clients"][0][
-            "connections"] == 0, what="the connection closed")
+        wait_for(lambda: [c["connections"] for c in clients_of(admin)] == [0],
+                 what="the connection closed")
         assert json.loads(json.dumps(clients))  # plain JSON
         assert os.path.exists(f"/proc/{worker}")
     finally:
@@ -172,8 +177,7 @@ def test_a_client_that_never_reads_holds_no_backend_and_is_dropped(redis_server,
     proc, url, admin = one_worker(echo_url, redis_server, tmp_path,
                                   LB_CLIENT_SEND_TIMEOUT="3")
     port = int(url.rsplit(":", 1)[1])
-    connections = lambda: requests.get(f"{admin}/status", timeout=5).json()[  # noqa: E731
-        "clients"][0]["connections"]
+    connections = lambda: [c["connections"] for c in clients_of(admin)]  # noqa: E731
     try:
         lazy = socket.socket()
         lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -184,9 +188,9 @@ def test_a_client_that_never_reads_holds_no_backend_and_is_dropped(redis_server,
         # The answer was read from the backend whole: its one thread serves others
         # while the client that asked still has not read it.
         assert requests.post(f"{url}/x", json={"a": 1}, timeout=20).json() == {"a": 1}
-        assert connections() == 1
+        assert connections() == [1]
         # Then the client that never reads is dropped, after LB_CLIENT_SEND_TIMEOUT.
-        wait_for(lambda: connections() == 0, timeout=20, what="the lazy client dropped")
+        wait_for(lambda: connections() == [0], timeout=20, what="the lazy client dropped")
         lazy.close()
         assert "Traceback" not in proc.output()
     finally:
