@@ -453,8 +453,10 @@ def ratios(rows: dict[str, Row]) -> list[tuple[str, float, str, bool | None]]:
 def report(rows: list[Row], client: str, args: argparse.Namespace, workers: int,
            threads: int) -> dict:
     print(f"\nclient: {client}; {args.connections} connections, {args.duration:g} s per row "
-          f"and round, median of {args.rounds} round(s); Gunicorn: {workers} workers x "
-          f"{threads} threads; {os.cpu_count()} CPUs")
+          f"and round, median of {args.rounds} round(s); Gunicorn: {workers} workers of "
+          f"{balancer_worker_class()}" + (f" x {threads} threads" if
+                                          balancer_worker_class() == "gthread" else "") +
+          f"; {os.cpu_count()} CPUs")
     header = (f"{'row':<12} {'req/s':>8} {'req/s range':>15} {'p50 ms':>8} {'p99 ms':>8} {'p50@c1 ms':>10} "
               f"{'CPU ms/req':>11} {'kernel':>7} {'Redis ms/req':>13} {'errors':>7}")
     print(header)
