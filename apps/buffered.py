@@ -22,7 +22,7 @@ import urllib3
 from urllib3.exceptions import HTTPError
 
 from apps.body import let_others_run
-from apps.upstream import STREAM_CHUNK, UpstreamError, classify
+from apps.upstream import STREAM_CHUNK, Ending, UpstreamError, classify
 from scorer.pool import PROTOCOL
 
 
@@ -40,14 +40,14 @@ class BufferedBody:
                  on_end: Callable[[UpstreamError | None, bool], None], *,
                  memory: int, disk: int) -> None:
         first, self._rest = start
-        self._response, self._on_end = response, on_end
+        self._response, self._end = response, Ending(response, on_end)
         self._memory, self._disk = memory, disk
         self._cond = threading.Condition()
         self._chunks: deque[bytes] = deque([first] if first else [])
         self._in_memory = len(first)
         self._file: IO[bytes] | None = None
         self._file_read = self._file_written = 0
-        self._done = self._closed = self._ended = False
+        self._done = self._closed = False
         self._error: UpstreamError | None = None
         threading.Thread(target=self._pump, name="lb-pump", daemon=True).start()
 
@@ -105,15 +105,6 @@ class BufferedBody:
             self._done, self._error = True, error
             self._cond.notify_all()
         self._end(error, complete)
-
-    def _end(self, error: UpstreamError | None, complete: bool) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        if not complete:  # leftovers must not reach the next request on this connection
-            self._response.close()
-        self._response.release_conn()
-        self._on_end(error, complete)
 
     # --- the buffer (the caller holds the condition's lock) --------------------------
 

@@ -299,10 +299,8 @@ class BodyStream:
     def __init__(self, response: urllib3.BaseHTTPResponse,
                  start: tuple[bytes, Iterator[bytes]],
                  on_end: Callable[[UpstreamError | None, bool], None]) -> None:
-        self._response = response
         self._first, self._rest = start
-        self._on_end = on_end
-        self._ended = False
+        self._end = Ending(response, on_end)
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -320,7 +318,17 @@ class BodyStream:
     def close(self) -> None:
         self._end(None, complete=False)
 
-    def _end(self, error: UpstreamError | None, complete: bool) -> None:
+
+class Ending:
+    """Ends the relay of an answer exactly once: frees its connection (dropping what
+    is left of a body that did not end whole) and calls `on_end(error, complete)`."""
+
+    def __init__(self, response: urllib3.BaseHTTPResponse,
+                 on_end: Callable[[UpstreamError | None, bool], None]) -> None:
+        self._response, self._on_end = response, on_end
+        self._ended = False
+
+    def __call__(self, error: UpstreamError | None, complete: bool) -> None:
         if self._ended:
             return
         self._ended = True
