@@ -17,14 +17,14 @@ _env = os.environ.get
 # with PORT set (honcho sets it) and no bind, Gunicorn would listen on 0.0.0.0.
 bind = [f"{_env('LB_HOST', '127.0.0.1')}:{_env('LB_PORT', '8000')}"]
 
-# Worker class: apps.edge.EdgeWorker, Gunicorn's gevent worker with client
+# Worker class: apps.lb.edge.EdgeWorker, Gunicorn's gevent worker with client
 # deadlines and connection caps. A greenlet per connection, not a thread: a
 # slow or idle client costs a little memory instead of one of a few threads
 # (with gthread, 40 clients sending a byte every 3 s took the port down), and
 # a proxy mostly waits on sockets, which is what gevent is for. The Procfile's
 # echo backends run gthread (`-k gthread`), the threaded model they were
 # written for. GUNICORN_WORKER_CLASS overrides it (gthread: the old model).
-worker_class = _env("GUNICORN_WORKER_CLASS", "apps.edge.EdgeWorker")
+worker_class = _env("GUNICORN_WORKER_CLASS", "apps.lb.edge.EdgeWorker")
 
 # Processes, each with its own GIL: one per core. On 2 cores, 3 or 4 workers
 # gave no more throughput than 2 with zero-latency backends (more processes
@@ -65,7 +65,7 @@ limit_request_field_size = 8190
 
 def _trusted_proxies() -> str:
     """LB_TRUSTED_PROXIES, if valid (else on_starting stops with its one-line error)."""
-    from scorer.settings import parse_networks
+    from apps.config import parse_networks
     try:
         return ",".join(str(n) for n in parse_networks(_env("LB_TRUSTED_PROXIES", "")))
     except ValueError:
@@ -88,7 +88,7 @@ loglevel = _env("GUNICORN_LOGLEVEL", "info")
 
 
 def _is_balancer(server):
-    return getattr(server.app, "app_uri", "").startswith("apps.proxy")
+    return getattr(server.app, "app_uri", "").startswith("apps.lb.proxy")
 
 
 def _bind_error(address) -> str | None:
@@ -119,8 +119,8 @@ def on_starting(server):
             sys.exit(2)
     if not _is_balancer(server):
         return
-    from apps.addresses import AddressPolicy
-    from scorer.settings import SettingsError, load_settings
+    from apps.lb.addresses import AddressPolicy
+    from apps.config import SettingsError, load_settings
     try:
         settings = load_settings()
         AddressPolicy.of(settings).check_settings(settings)
@@ -149,8 +149,8 @@ def when_ready(server):
                               for a in server.cfg.address))
     if not _is_balancer(server):
         return
-    from apps.admin import start_admin_server
-    from scorer.settings import load_settings
+    from apps.lb.admin import start_admin_server
+    from apps.config import load_settings
     settings = load_settings()
     try:
         server.admin_server = start_admin_server(settings, lambda: list(server.WORKERS))
@@ -165,14 +165,14 @@ def on_reload(server):
     # A reload (SIGHUP) gives Gunicorn new log handlers: escape those too, and send
     # the admin listener's lines through them.
     if _is_balancer(server):
-        from apps.logs import log_through_gunicorn
+        from apps.lb.logs import log_through_gunicorn
         log_through_gunicorn()
 
 
 def child_exit(server, worker):
     if not _is_balancer(server):
         return
-    from apps.metrics import mark_process_dead
+    from apps.lb.metrics import mark_process_dead
     mark_process_dead(worker.pid)
     # A worker that dies degraded must not look degraded for ever.
     runtime_dir = os.environ.get("LB_RUNTIME_DIR")
@@ -198,7 +198,7 @@ def pre_request(worker, req):
     # Gunicorn read the whole body only to throw it away.
     coded = [value for name, value in req.headers if name == "TRANSFER-ENCODING"]
     if coded and _is_balancer(worker):
-        from apps.body import foreign_codings
+        from apps.lb.body import foreign_codings
         if foreign_codings(",".join(coded)):
             req.force_close()
 

@@ -1,1 +1,2 @@
-"""The HTTP applications: the echo backend, the balancer's proxy and its admin listener."""
+"""The HTTP applications: the balancer (`lb`), its configuration (`config`), the echo test
+backend (`echo`) and process launching (`launch`)."""

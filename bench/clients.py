@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn_conf.py",
          "-b", f"127.0.0.1:{port}", "-w", "1", "--threads", "4", "--log-level", "warning",
-         "apps.echo:create_app()"],
+         "apps.echo.app:create_app()"],
         cwd=ROOT, env={**os.environ, "SEED": "0"}, stdout=subprocess.DEVNULL)
     try:
         _wait_open(port)

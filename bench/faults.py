@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 import requests
 
-from apps import simulate
-from bench.stack import start_balancer, start_echo, start_redis
+from apps.echo import profiles as simulate
+from apps.launch.stack import start_balancer, start_echo, start_redis
 
 BASE_LATENCY_MS = "20"  # every instance's base latency, so "3x slower" means something
 

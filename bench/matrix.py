@@ -120,7 +120,7 @@ def _simulate(cell: Cell, env: dict[str, str]) -> dict[str, Any]:
 def run_live(cells: list[Cell], env: dict[str, str], out: Path) -> list[dict[str, Any]]:
     """One real stack per cell; everything is stopped even on Ctrl-C."""
     from bench import load
-    from bench.stack import start_balancer, start_echo, start_redis
+    from apps.launch.stack import start_balancer, start_echo, start_redis
     logs = Path(tempfile.mkdtemp(prefix="lb-matrix-"))
     redis_proc, redis_url = start_redis(logs)
     rows = []

@@ -39,7 +39,7 @@ from typing import Callable
 from flask import Flask
 
 from bench import loadgen, zero
-from bench.stack import (
+from apps.launch.stack import (
     ROOT, Proc, free_port, gunicorn, listeners, spawn, start_balancer, start_redis, wait_for,
 )
 
@@ -297,9 +297,9 @@ def breakdown(backend_urls: list[str], redis_url: str, calls: int = 2000) -> lis
 
     import urllib3
 
-    from apps.upstream import Upstreams, read_capped
+    from apps.lb.upstream import Upstreams, read_capped
     from scorer.pool import Outcome, Pool
-    from scorer.settings import load_settings
+    from apps.config import load_settings
 
     settings = load_settings(environ={"LB_BACKENDS": ",".join(backend_urls[:3]),
                                       "REDIS_URL": redis_url, "LB_POOL": "breakdown"})
@@ -342,7 +342,7 @@ def breakdown(backend_urls: list[str], redis_url: str, calls: int = 2000) -> lis
 LAYERS = (
     ("Redis client (scorer/, redis-py)", ("(redis/", "(scorer/")),
     ("upstream HTTP (urllib3, http.client)", ("(urllib3/", "(http/client.py", "(email/",
-                                               "(apps/upstream.py")),
+                                               "(apps/lb/upstream.py")),
     ("metrics (prometheus_client)", ("(prometheus_client/",)),
     ("balancer's own code (apps/)", ("(apps/",)),
     ("Flask and Werkzeug", ("(flask/", "(werkzeug/")),

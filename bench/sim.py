@@ -1,15 +1,15 @@
 """An offline simulator of the whole system, on a virtual clock (no sleeping).
 
 What is real: the pool's Lua scripts (run through `scorer.pool.Pool` on
-fakeredis or a real Redis), the retry rules (`apps.retry`) and the echo
-backends' fault profiles and per-request draws (`apps.simulate`, keyed by the
+fakeredis or a real Redis), the retry rules (`apps.lb.retry`) and the echo
+backends' fault profiles and per-request draws (`apps.echo.profiles`, keyed by the
 request id exactly as the echo app keys them).
 
 What is modelled: the pool's health checker (a probe per backend each
 LB_CHECK_INTERVAL_S, judged by the backend's phase); `clients` closed-loop clients (each sends its next request
 as soon as the last one ends, like the threaded benchmark's workers); the
 balancer's connection slots (Gunicorn workers x LB_MAX_CLIENT_CONNECTIONS under
-apps/edge.py's EdgeWorker: requests beyond them wait in the accept queue); its
+apps/lb/edge.py's EdgeWorker: requests beyond them wait in the accept queue); its
 per-backend in-flight cap; and each backend's thread
 pool (`backend_threads`: requests beyond it queue, so piling all traffic on one
 backend costs waiting). A backend's answer takes the drawn latency; an attempt
@@ -38,10 +38,10 @@ from typing import Any, Callable, Iterator, Mapping
 import fakeredis
 import redis
 
-from apps import simulate
-from apps.retry import may_retry
+from apps.echo import profiles as simulate
+from apps.lb.retry import may_retry
 from scorer.pool import CONNECT, PROTOCOL, TIMEOUT, Outcome, Pool
-from scorer.settings import Backend, load_settings
+from apps.config import Backend, load_settings
 
 STRATEGIES = ("round_robin", "scored", "oracle")
 # The virtual clock starts at a plausible epoch time, as the scripts expect.
@@ -383,7 +383,7 @@ def sim_redis(use_fakeredis: bool = False) -> Iterator[None]:
     if use_fakeredis or os.environ.get(SIM_REDIS_URL):
         yield
         return
-    from bench.stack import start_redis
+    from apps.launch.stack import start_redis
     proc, url = start_redis(Path(tempfile.mkdtemp(prefix="lb-sim-")))
     os.environ[SIM_REDIS_URL] = url  # inherited by the worker processes
     try:

@@ -3,7 +3,7 @@
     python -m bench slowclients [--duration 10] [--mixes slowloris,idle,all] [--set LB_X=V]
 
 Starts its own stack (Redis, 3 echo backends and the balancer under Gunicorn,
-bench/stack.py), warms it up, and runs the probe alone for --baseline seconds
+apps/launch/stack.py), warms it up, and runs the probe alone for --baseline seconds
 (bench/attacks.py: --rate PUTs a second from 127.0.0.1, each on a new
 connection unless --keepalive, each answer checked against its own body). Then
 for each mix (each attack kind alone, then `all` of them together) it holds
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import attacks
-from bench.stack import ROOT, Proc, start_balancer, start_echo, start_redis, usage_of, worker_pids
+from apps.launch.stack import ROOT, Proc, start_balancer, start_echo, start_redis, usage_of, worker_pids
 
 RESULTS = ROOT / "bench" / "results"
 # Issue 13's test counts.

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.sim import Scenario, sim_redis, simulate_cell
-from scorer.settings import TABLE
+from apps.config import TABLE
 
 # The knobs searched, and the values tried for each. In-flight caps, timeouts
 # and retries are not here: they are safety limits, not the scorer's weights.

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from bench.stack import ROOT, Proc, spawn
+from apps.launch.stack import ROOT, Proc, spawn
 
 SOURCE = Path(__file__).resolve().with_name("zero_backend.c")
 CACHE = ROOT / "bench" / "results" / "bin"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from scorer.settings import Backend, Settings, parse_backends
+from apps.config import Backend, Settings, parse_backends
 
 log = logging.getLogger("lb.members")
 

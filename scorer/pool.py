@@ -19,7 +19,7 @@ import redis.cluster
 
 from scorer import members as members_mod
 from scorer.members import DRAINING, Member, Snapshot, StateFile, parse_snapshot
-from scorer.settings import Backend, Settings
+from apps.config import Backend, Settings
 from scorer.store import Store
 
 log = logging.getLogger("lb.pool")

@@ -41,7 +41,7 @@ _STORES: "weakref.WeakSet[Store]" = weakref.WeakSet()
 class _Lender:
     """At most `size` connections to Redis, each lent to one caller at a time.
 
-    Not a connection per thread: under the gevent worker (apps/edge.py) a thread
+    Not a connection per thread: under the gevent worker (apps/lb/edge.py) a thread
     is a greenlet, one per client connection, so that would mean thousands of
     connections. A caller that finds every connection lent waits for one: each
     is lent for one command, bounded by the socket timeout, and a busy worker

@@ -1,4 +1,4 @@
-"""Helpers for the tests: the process launchers of bench/stack.py, plus a load generator."""
+"""Helpers for the tests: the process launchers of apps/launch/stack.py, plus a load generator."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Mapping
 
-from bench.stack import (  # noqa: F401  (re-exported for the tests)
+from apps.launch.stack import (  # noqa: F401  (re-exported for the tests)
     BIN, ESTABLISHED, ROOT, Proc, free_port, gunicorn, parent_of, port_open, spawn,
     start_balancer, start_echo, start_redis, tcp_sockets, wait_for, worker_pids,
 )

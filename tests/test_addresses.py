@@ -11,11 +11,11 @@ import pytest
 import trustme
 import urllib3
 
-from apps.addresses import AddressPolicy, is_local
-from apps.health import HealthChecker
-from apps.upstream import UpstreamError, Upstreams
+from apps.lb.addresses import AddressPolicy, is_local
+from apps.lb.health import HealthChecker
+from apps.lb.upstream import UpstreamError, Upstreams
 from scorer.pool import CONNECT
-from scorer.settings import SettingsError, load_settings
+from apps.config import SettingsError, load_settings
 from tests.rawbackend import RawBackend
 from tests.tls_relay import TLSRelay
 

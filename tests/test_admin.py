@@ -6,9 +6,9 @@ import logging
 import fakeredis
 import pytest
 
-from apps.admin import MAX_BODY, create_app, nested_deeper, redacted
+from apps.lb.admin import MAX_BODY, create_app, nested_deeper, redacted
 from scorer.pool import Outcome, Pool
-from scorer.settings import load_settings
+from apps.config import load_settings
 
 TOKEN = "s3cret-token"
 

@@ -15,10 +15,10 @@ import fakeredis
 import pytest
 from flask import Flask, jsonify, request
 
-from apps.admin import MAX_BODY, create_app
-from apps.adminserver import HANDLERS, MAX_HEAD, AdminServer, Refusal, parse_head
+from apps.lb.admin import MAX_BODY, create_app
+from apps.lb.adminserver import HANDLERS, MAX_HEAD, AdminServer, Refusal, parse_head
 from scorer.pool import Pool
-from scorer.settings import load_settings
+from apps.config import load_settings
 from tests.support import wait_for
 
 TIMEOUT = 10.0  # every deadline in these tests; only the fake clock ever reaches it

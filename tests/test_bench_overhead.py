@@ -50,8 +50,8 @@ def test_ratios_skip_comparisons_whose_rows_did_not_run():
 
 def test_profile_samples_go_to_the_innermost_known_layer():
     stack = ("Thread.run (threading.py:982);ThreadWorker.handle (gunicorn/workers/gthread.py:553);"
-             "Flask.wsgi_app (flask/app.py:1511);Forwarder.attempt (apps/proxy.py:150);"
-             "Upstreams.send (apps/upstream.py:190);SocketIO.readinto (socket.py:706)")
+             "Flask.wsgi_app (flask/app.py:1511);Forwarder.attempt (apps/lb/proxy.py:150);"
+             "Upstreams.send (apps/lb/upstream.py:190);SocketIO.readinto (socket.py:706)")
     assert layer_of(stack) == "upstream HTTP (urllib3, http.client)"
     assert layer_of(stack.rsplit(";", 2)[0]) == "balancer's own code (apps/)"
     assert layer_of("Thread.run (threading.py:982)") == "other"

@@ -8,7 +8,7 @@ import tempfile
 import pytest
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from apps.body import BodyTooSlow, ClientGone, RequestBody, foreign_codings
+from apps.lb.body import BodyTooSlow, ClientGone, RequestBody, foreign_codings
 
 
 def environ(data: bytes, *, length: int | None = None, chunked: bool = False,

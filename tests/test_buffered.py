@@ -1,4 +1,4 @@
-"""Answers read as fast as the backend sends them (apps/buffered.py), on a fake response."""
+"""Answers read as fast as the backend sends them (apps/lb/buffered.py), on a fake response."""
 from __future__ import annotations
 
 import threading
@@ -6,7 +6,7 @@ import threading
 import pytest
 from urllib3.exceptions import ProtocolError
 
-from apps.buffered import BufferedBody
+from apps.lb.buffered import BufferedBody
 
 
 class FakeResponse:

@@ -10,11 +10,11 @@ import pytest
 import redis
 import redis.cluster
 
-from bench.stack import spawn, wait_for
+from apps.launch.stack import spawn, wait_for
 from scorer.members import Member
 from scorer.pool import Outcome, Pool
-from scorer.redis_server import server_binary, server_command
-from scorer.settings import load_settings, parse_backends
+from apps.launch.redis_server import server_binary, server_command
+from apps.config import load_settings, parse_backends
 from tests.support import assert_shares, fire, start_balancer, start_echo
 
 pytestmark = pytest.mark.e2e

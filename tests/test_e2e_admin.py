@@ -10,11 +10,11 @@ import socket
 import pytest
 import requests
 
-from apps.admin import create_app
-from bench.stack import LISTEN
+from apps.lb.admin import create_app
+from apps.launch.stack import LISTEN
 from scorer.pool import Pool
-from scorer.redis_server import server_command
-from scorer.settings import load_settings
+from apps.launch.redis_server import server_command
+from apps.config import load_settings
 from tests.support import (
     ESTABLISHED, free_port, sockets_of, spawn, start_balancer, start_echo, tcp_sockets,
     wait_for, worker_pids,

@@ -1,5 +1,5 @@
 """End to end: the client side's caps, descriptors, /status and /ready, and shutdown
-(apps/edge.py under real Gunicorn). The attack mixes are in test_e2e_slowclients.py."""
+(apps/lb/edge.py under real Gunicorn). The attack mixes are in test_e2e_slowclients.py."""
 from __future__ import annotations
 
 import json

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from scorer.redis_server import server_command
+from apps.launch.redis_server import server_command
 from tests.support import (
     SocketServer, assert_shares, connections_from, connections_to, fire, free_port, gunicorn,
     spawn, start_balancer, start_echo, wait_for, worker_pids,

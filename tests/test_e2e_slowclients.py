@@ -17,7 +17,7 @@ import requests
 from bench import attacks
 from bench.attacks import ProbeResult, Tally, raise_fd_limit, start_attack, start_probe
 from bench.slowclients import COUNTS, sources_of
-from bench.stack import usage_of
+from apps.launch.stack import usage_of
 from tests.support import (
     ESTABLISHED, sockets_of, start_balancer, start_echo, tcp_sockets, wait_for, worker_pids,
 )

@@ -178,7 +178,7 @@ def test_the_admin_listener_logs_through_the_escaping_handlers(via_raw, raw_back
     response = requests.post(f"{admin}/backends/{backend}/reset", timeout=5,
                              headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 200
-    # In Gunicorn's format, so through Gunicorn's handlers (apps/logs.py), not Python's
+    # In Gunicorn's format, so through Gunicorn's handlers (apps/lb/logs.py), not Python's
     # bare last-resort handler.
     prefix = r"^\[[^]]+\] \[\d+\] \[WARNING\] "
     line = prefix + f"admin reset the score and block of {re.escape(backend)}$"

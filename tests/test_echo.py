@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from apps.echo import HANG_S, create_app
-from apps.simulate import draw, profile_for
+from apps.echo.app import HANG_S, create_app
+from apps.echo.profiles import draw, profile_for
 
 
 @pytest.fixture
@@ -176,7 +176,7 @@ def test_a_dead_instance_closes_its_port_on_time():
     import selectors
     import socket
 
-    from apps.echo import close_listeners
+    from apps.echo.app import close_listeners
 
     class Listener:  # as Gunicorn's: a wrapper with .sock, registered itself
         def __init__(self) -> None:

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from apps.echo import create_app as create_echo
+from apps.echo.app import create_app as create_echo
 from tests.rawbackend import RawBackend
 from tests.support import SocketServer, start_balancer, start_echo
 

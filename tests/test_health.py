@@ -9,9 +9,9 @@ import fakeredis
 import pytest
 import redis
 
-from apps.health import CHECK_HEADER, HealthChecker
+from apps.lb.health import CHECK_HEADER, HealthChecker
 from scorer.pool import Pool, checker_key
-from scorer.settings import load_settings
+from apps.config import load_settings
 from tests.support import free_port, wait_for
 
 

@@ -18,7 +18,7 @@ def gunicorn_on(port: int) -> subprocess.CompletedProcess:
     env = {"PATH": str(BIN), "LB_PORT": str(port), "LB_ADMIN_PORT": str(free_port()),
            "REDIS_URL": "redis://127.0.0.1:1/0", "LB_STATE_DIR": "/nonexistent-unused"}
     return subprocess.run([str(BIN / "gunicorn"), "-c", "gunicorn_conf.py",
-                           "apps.proxy:create_app()"],
+                           "apps.lb.proxy:create_app()"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
 
 

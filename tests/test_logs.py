@@ -1,4 +1,4 @@
-"""Log lines that client or backend data cannot forge (apps/logs.py)."""
+"""Log lines that client or backend data cannot forge (apps/lb/logs.py)."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,7 @@ import logging
 import pytest
 from gunicorn.glogging import SafeAtoms
 
-from apps.logs import escape, log_through_gunicorn
+from apps.lb.logs import escape, log_through_gunicorn
 
 FORGED = "[CRITICAL] forged"
 # Every character str.splitlines() breaks on, plus ESC and DEL.

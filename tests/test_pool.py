@@ -14,7 +14,7 @@ from scorer.pool import (
     CONNECT, HTTP_5XX, OK, REPORT_PARAMS, TIMEOUT, Outcome, Pool, backend_key, load_lua, pool_key,
 )
 from scorer.members import LastBackendError, Member, StateFile
-from scorer.settings import load_settings, parse_backends
+from apps.config import load_settings, parse_backends
 
 BACKENDS = "http://127.0.0.1:9001,http://127.0.0.1:9002,http://127.0.0.1:9003"
 # Settings that isolate one rule at a time: no latency judgement, no score fading,

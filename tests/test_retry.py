@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from apps.retry import may_retry
+from apps.lb.retry import may_retry
 
 
 @pytest.mark.parametrize("method, delivered, non_idempotent, replayable, expected", [

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from scorer.settings import TABLE, SettingsError, load_settings, parse_size
+from apps.config import TABLE, SettingsError, load_settings, parse_size
 from tests.support import BIN, ROOT, free_port
 
 
@@ -101,7 +101,7 @@ def gunicorn_errors(env: dict[str, str], port: int = 0) -> list[str]:
     env = {"PATH": str(BIN), "LB_PORT": str(port or free_port()),
            "LB_ADMIN_PORT": str(free_port()), **env}
     done = subprocess.run([str(BIN / "gunicorn"), "-c", "gunicorn_conf.py",
-                           "apps.proxy:create_app()"],
+                           "apps.lb.proxy:create_app()"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     return [line for line in done.stderr.splitlines() if line.startswith("lb: ")]

@@ -10,10 +10,10 @@ import threading
 import pytest
 import redis
 
-from apps.admin import create_app
+from apps.lb.admin import create_app
 from scorer.pool import Outcome, Pool, connect, pool_key
-from scorer.redis_server import server_command
-from scorer.settings import load_settings
+from apps.launch.redis_server import server_command
+from apps.config import load_settings
 from tests.support import free_port, spawn, wait_for
 
 
@@ -170,6 +170,7 @@ def test_a_redis_that_wants_a_password_says_so(tmp_path, caplog):
         proc.stop()
 
 
+@pytest.mark.e2e
 def test_many_threads_share_a_few_connections(real_redis):
     # Under the gevent worker every client connection is a thread of its own.
     import threading

@@ -7,7 +7,7 @@ import requests
 import trustme
 
 from scorer.pool import Pool
-from scorer.settings import load_settings
+from apps.config import load_settings
 from tests.support import free_port, gunicorn, spawn, start_balancer
 from tests.tls_relay import TLSRelay
 
@@ -30,7 +30,7 @@ def certs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def https_echo(certs, tmp_path_factory):
     port = free_port()
-    proc = spawn("echo-tls", gunicorn("apps.echo:create_app()", port, "-w", "1", "--threads", "8",
+    proc = spawn("echo-tls", gunicorn("apps.echo.app:create_app()", port, "-w", "1", "--threads", "8",
                                       "--certfile", certs["cert"], "--keyfile", certs["key"]),
                  {}, tmp_path_factory.mktemp("echo-tls"), [port])
     yield f"https://127.0.0.1:{port}"

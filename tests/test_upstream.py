@@ -6,12 +6,12 @@ import io
 import pytest
 import urllib3
 
-from apps.forwarded import Hop, hop_of
-from apps.upstream import (
+from apps.lb.forwarded import Hop, hop_of
+from apps.lb.upstream import (
     BodyStream, client_response_headers, cookie_header, hop_by_hop, request_target,
     start_stream, upstream_request_headers,
 )
-from scorer.settings import load_settings, parse_networks
+from apps.config import load_settings, parse_networks
 
 BACKEND = load_settings(environ={"LB_BACKENDS": "http://10.0.0.5:9001"}).backends[0]
 
@@ -119,7 +119,7 @@ def test_connection_tokens_are_case_insensitive():
 
 
 def test_in_flight_flags_mark_tried_and_busy_backends():
-    from apps.upstream import InFlight
+    from apps.lb.upstream import InFlight
     backends = load_settings(environ={}).backends
     inflight = InFlight(cap=2)
     assert inflight.flags(backends, []) == ""  # all eligible: nothing to say
@@ -137,7 +137,7 @@ def test_in_flight_flags_mark_tried_and_busy_backends():
 def test_in_flight_counts_are_the_lb_upstream_inflight_gauge():
     from prometheus_client import REGISTRY
 
-    from apps.upstream import InFlight
+    from apps.lb.upstream import InFlight
     backend = load_settings(environ={"LB_BACKENDS": "http://10.9.9.9:9"}).backends[0]
     gauge = lambda: REGISTRY.get_sample_value("lb_upstream_inflight",  # noqa: E731
                                               {"backend": backend.id})
@@ -174,8 +174,8 @@ def test_the_balancers_own_response_headers_are_dropped_from_the_backends():
 def test_a_slot_taken_by_another_thread_between_flags_and_pick_sends_the_pick_elsewhere():
     import fakeredis
 
-    from apps.proxy import Forwarder
-    from apps.upstream import InFlight, Upstreams
+    from apps.lb.proxy import Forwarder
+    from apps.lb.upstream import InFlight, Upstreams
     from scorer.pool import Pool
     settings = load_settings(environ={"LB_BACKENDS": "http://10.9.9.1:80,http://10.9.9.2:80",
                                       "LB_MAX_INFLIGHT": "1", "LB_CHECK_INTERVAL_S": "0"})

@@ -1,15 +1,15 @@
 """The echo backend: returns the JSON it is given, with seeded faults.
 
 Run one instance per process, e.g.
-    ECHO_INSTANCE=0 SEED=7 gunicorn -c gunicorn_conf.py -b 127.0.0.1:9001 "apps.echo:create_app()"
+    ECHO_INSTANCE=0 SEED=7 gunicorn -c gunicorn_conf.py -b 127.0.0.1:9001 "apps.echo.app:create_app()"
 
 Settings (environment, or the `config` mapping in tests):
     SEED            0 = well-behaved; any other integer gives each instance a fixed
-                    profile of errors and latency (apps/simulate.py)
+                    profile of errors and latency (apps/echo/profiles.py)
     ECHO_INSTANCE   this instance's index (0, 1, 2...), part of its profile
     ECHO_MAX_BODY   largest accepted body in bytes (default 10 MiB); larger gets 413
     ECHO_PROFILE    a named, time-varying profile for this instance instead of the
-                    seeded one, e.g. `fail_recover:start=5,period=10` (apps/simulate.py)
+                    seeded one, e.g. `fail_recover:start=5,period=10` (apps/echo/profiles.py)
     ECHO_SCENARIO   a JSON file mapping instance indexes to such specs, e.g.
                     {"0": "dead:start=2", "2": "flapping:period=3"}
     ECHO_ERROR_RATE, ECHO_MEAN_LATENCY_MS
@@ -32,9 +32,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 from flask import Flask, Response, jsonify, request
 
-from apps import simulate
-from apps.body import RequestBody
-from apps.errors import json_error, register_json_errors
+from apps.echo import profiles as simulate
+from apps.lb.body import RequestBody
+from apps.lb.errors import json_error, register_json_errors
 
 ECHO_METHODS = ["POST", "PUT", "PATCH"]
 DEFAULT_MAX_BODY = 10 * 1024 * 1024

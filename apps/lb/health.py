@@ -21,9 +21,9 @@ from typing import Callable
 
 import urllib3
 
-from apps.upstream import STREAM_CHUNK, UpstreamError, Upstreams, read_capped
+from apps.lb.upstream import STREAM_CHUNK, UpstreamError, Upstreams, read_capped
 from scorer.pool import Outcome, Pool
-from scorer.settings import Backend, Settings
+from apps.config import Backend, Settings
 
 log = logging.getLogger("lb.health")
 

@@ -28,11 +28,11 @@ from urllib3.exceptions import (
 from urllib3.util import SKIP_HEADER
 from urllib3.util.ssl_match_hostname import CertificateError
 
-from apps import forwarded, metrics
-from apps.addresses import AddressPolicy, AddressRefused, guarded_connections
-from apps.forwarded import Hop
+from apps.lb import forwarded, metrics
+from apps.lb.addresses import AddressPolicy, AddressRefused, guarded_connections
+from apps.lb.forwarded import Hop
 from scorer.pool import CONNECT, PROTOCOL, TIMEOUT
-from scorer.settings import Backend, Settings
+from apps.config import Backend, Settings
 
 # RFC 9110 section 7.6.1, plus the non-standard ones proxies still meet.
 HOP_BY_HOP = frozenset({
@@ -40,7 +40,7 @@ HOP_BY_HOP = frozenset({
     "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization",
 })
 # Set afresh by the balancer, so a client cannot forge them (X-Request-ID: the
-# client's is kept if sane, see apps/proxy.py); and Expect, since the balancer
+# client's is kept if sane, see apps/lb/proxy.py); and Expect, since the balancer
 # has already taken the body (or is streaming it) by then.
 REPLACED_REQUEST_HEADERS = frozenset({"host", "expect", "x-request-id"}) | forwarded.OWNED
 # The balancer's own server sends these; forwarding the backend's would
@@ -92,7 +92,7 @@ def cookie_header(value: str) -> str:
 def upstream_request_headers(headers: Iterable[tuple[str, str]], *, backend: Backend,
                              hop: Hop, preserve_host: bool) -> dict[str, str]:
     """The headers to send upstream: the client's minus hop-by-hop, plus the
-    balancer's own X-Forwarded-*, X-Real-IP and Forwarded (apps/forwarded.py)."""
+    balancer's own X-Forwarded-*, X-Real-IP and Forwarded (apps/lb/forwarded.py)."""
     headers = list(headers)
     skip = hop_by_hop(headers) | REPLACED_REQUEST_HEADERS
     if not hop.trusted:

@@ -15,7 +15,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from scorer.settings import Backend, Network, Settings, SettingsError, address_in, is_ip
+from apps.config import Backend, Network, Settings, SettingsError, address_in, is_ip
 
 
 def is_local(ip: str) -> bool:

@@ -1,6 +1,6 @@
 """The balancer's client side: a Gunicorn worker that no slow, idle or crowded client can stall.
 
-    gunicorn -c gunicorn_conf.py -k apps.edge.EdgeWorker "apps.proxy:create_app()"
+    gunicorn -c gunicorn_conf.py -k apps.lb.edge.EdgeWorker "apps.lb.proxy:create_app()"
 
 Gunicorn's threaded worker gives each connection a thread while it parses the
 request head and body, with no deadline: 40 clients sending a byte every few
@@ -11,7 +11,7 @@ edge proxy adds, as nginx, HAProxy and Envoy do:
 - deadlines on the client, per connection (`ClientSocket`): a request head
   must arrive within LB_CLIENT_HEADER_TIMEOUT of its first byte (else 408);
   a body may stall at most LB_CLIENT_BODY_TIMEOUT between reads and must keep
-  up LB_CLIENT_BODY_MIN_RATE after a grace (else 408, apps/body.py); an
+  up LB_CLIENT_BODY_MIN_RATE after a grace (else 408, apps/lb/body.py); an
   answer the client does not read for LB_CLIENT_SEND_TIMEOUT is dropped; a
   keep-alive connection with nothing to say is closed after Gunicorn's
   `keepalive`;
@@ -145,7 +145,7 @@ class ClientSocket:
         return data
 
     def _fail_body(self, why: str) -> None:
-        """The body is too slow: apps/body.py answers 408, and the connection closes."""
+        """The body is too slow: apps/lb/body.py answers 408, and the connection closes."""
         self.cut = True
         if self.request is not None:
             self.request.force_close()
@@ -249,8 +249,8 @@ class EdgeWorker(GeventWorker):
     def load_wsgi(self) -> None:
         # Here, not in init_process: gevent has patched the standard library by now,
         # and what these import (redis, ssl) must see the patched modules.
-        from apps import metrics
-        from scorer.settings import address_in, load_settings
+        from apps.lb import metrics
+        from apps.config import address_in, load_settings
         settings = load_settings()
         self.limits = settings
         raise_open_files_limit()

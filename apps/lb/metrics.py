@@ -63,7 +63,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 def client_connections(open_: int, busy: int) -> None:
-    """Record a worker's open client connections and requests under way (apps/edge.py)."""
+    """Record a worker's open client connections and requests under way (apps/lb/edge.py)."""
     CLIENT_CONNECTIONS.set(open_)
     CLIENT_REQUESTS.set(busy)
 

@@ -288,7 +288,7 @@ TABLE: tuple[Setting, ...] = (
     Setting("LB_TLS_VERIFY", "1", parse_bool, "bool",
             "Check `https://` backends' certificates and host names. Turning this off "
             "is logged at start-up."),
-    # The client side (apps/edge.py): what a slow, idle or crowded client may hold.
+    # The client side (apps/lb/edge.py): what a slow, idle or crowded client may hold.
     Setting("LB_CLIENT_HEADER_TIMEOUT", "10", parse_seconds, "s",
             "Time a client has to send a whole request head from its first byte; past it the "
             "client gets 408 and the connection closes (a connection that sends nothing is "

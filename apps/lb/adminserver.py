@@ -34,7 +34,7 @@ from email.utils import formatdate
 from typing import Any, Callable
 from urllib.parse import unquote_to_bytes
 
-from apps.errors import json_error
+from apps.lb.errors import json_error
 
 log = logging.getLogger("lb.admin")
 
@@ -166,7 +166,7 @@ def response_bytes(status: str, headers: list[tuple[str, str]], body: bytes,
 
 
 def error_bytes(status: int, message: str) -> bytes:
-    """A JSON error answer, the same as the admin app's own (apps/errors.py)."""
+    """A JSON error answer, the same as the admin app's own (apps/lb/errors.py)."""
     response = json_error(status, message, source="admin")
     return response_bytes(f"{status} {http.HTTPStatus(status).phrase}",
                           [("Content-Type", response.content_type)],

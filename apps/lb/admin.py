@@ -1,11 +1,11 @@
 """The admin listener: the balancer's own endpoints, on their own port.
 
-It runs in threads of the Gunicorn master (apps/adminserver.py, started by
+It runs in threads of the Gunicorn master (apps/lb/adminserver.py, started by
 `when_ready` in gunicorn_conf.py), not in the workers, so it answers even when
 every worker thread is busy with traffic. It reads the shared state from Redis, like any
 worker would.
 
-    GET /         the dashboard: a live table of backends and charts (apps/dashboard.html)
+    GET /         the dashboard: a live table of backends and charts (apps/lb/dashboard.html)
     GET /status   strategy, Redis reachability, workers, the pool's latency average and
                   panic picks, and per backend: blocked or not, score, smoothed latency,
                   error rate, blocked turns, block end, why it was last blocked, counters
@@ -36,17 +36,17 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from flask import Flask, Response, abort, jsonify, request
 
-from apps import metrics
-from apps.addresses import AddressPolicy
-from apps.adminserver import AdminServer
-from apps.errors import json_error, register_json_errors
-from apps.logs import log_through_gunicorn
+from apps.lb import metrics
+from apps.lb.addresses import AddressPolicy
+from apps.lb.adminserver import AdminServer
+from apps.lb.errors import json_error, register_json_errors
+from apps.lb.logs import log_through_gunicorn
 from scorer.members import (
     ACTIVE, DRAINING, LastBackendError, Member, check_still_serving, check_weight, new_member,
     state_file_for, with_change,
 )
 from scorer.pool import Pool
-from scorer.settings import Settings, load_settings, quoted
+from apps.config import Settings, load_settings, quoted
 from scorer.store import describe
 
 log = logging.getLogger("lb.admin")
@@ -97,7 +97,7 @@ def create_app(config: Mapping[str, Any] | None = None, *,
                   for p in Path(runtime_dir).glob("degraded-*"))
         return sorted(pid for pid in marked if pid in alive)
 
-    dashboard = resources.files("apps").joinpath("dashboard.html").read_bytes()
+    dashboard = resources.files("apps.lb").joinpath("dashboard.html").read_bytes()
 
     @app.get("/")
     def show_dashboard() -> Response:

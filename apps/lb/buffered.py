@@ -21,8 +21,8 @@ from typing import IO, Callable, Iterator
 import urllib3
 from urllib3.exceptions import HTTPError
 
-from apps.body import let_others_run
-from apps.upstream import STREAM_CHUNK, Ending, UpstreamError, classify
+from apps.lb.body import let_others_run
+from apps.lb.upstream import STREAM_CHUNK, Ending, UpstreamError, classify
 from scorer.pool import PROTOCOL
 
 

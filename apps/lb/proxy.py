@@ -1,12 +1,12 @@
 """The balancer's traffic listener: every path and method is forwarded to a backend.
 
-    gunicorn -c gunicorn_conf.py "apps.proxy:create_app()"
+    gunicorn -c gunicorn_conf.py "apps.lb.proxy:create_app()"
 
 A request's path: read the body (bounded by LB_MAX_BODY), ask the pool for a
 backend, forward, report the outcome to the pool, relay the answer; when an
 attempt fails and may be repeated, do it again on another backend, within the
 retry budget and the request's deadline. The balancer's own endpoints are on
-the admin listener (apps/admin.py), so no path here is reserved.
+the admin listener (apps/lb/admin.py), so no path here is reserved.
 """
 from __future__ import annotations
 
@@ -26,22 +26,22 @@ import urllib3
 from flask import Flask, Request, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from apps import metrics
-from apps.addresses import AddressPolicy
-from apps.body import RequestBody, foreign_codings
-from apps.buffered import BufferedBody
-from apps.errors import json_error, register_json_errors
-from apps.forwarded import hop_of
-from apps.health import HealthChecker
-from apps.logs import log_through_gunicorn
-from apps.retry import may_retry
-from apps.upstream import (
+from apps.lb import metrics
+from apps.lb.addresses import AddressPolicy
+from apps.lb.body import RequestBody, foreign_codings
+from apps.lb.buffered import BufferedBody
+from apps.lb.errors import json_error, register_json_errors
+from apps.lb.forwarded import hop_of
+from apps.lb.health import HealthChecker
+from apps.lb.logs import log_through_gunicorn
+from apps.lb.retry import may_retry
+from apps.lb.upstream import (
     STREAM_CHUNK, BodyStream, InFlight, UpstreamError, Upstreams, client_response_headers,
     has_no_body, read_capped, request_target, start_stream, upstream_request_headers,
 )
 from scorer.members import state_file_for
 from scorer.pool import TIMEOUT, Outcome, Pool
-from scorer.settings import Backend, Settings, load_settings
+from apps.config import Backend, Settings, load_settings
 
 log = logging.getLogger("lb.proxy")
 
@@ -328,7 +328,7 @@ class Forwarder:
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """Build the proxy app. `config` overrides environment settings (see scorer/settings.py)."""
+    """Build the proxy app. `config` overrides environment settings (see apps/config.py)."""
     settings = load_settings(overrides=config)
     AddressPolicy.of(settings).check_settings(settings)
     app = ProxyFlask(__name__, static_folder=None)

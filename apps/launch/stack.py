@@ -19,9 +19,9 @@ from typing import Sequence
 
 import redis
 
-from scorer.redis_server import server_command
+from apps.launch.redis_server import server_command
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
@@ -175,7 +175,7 @@ def start_echo(instance: int, log_dir: Path, seed: int = 0, threads: int = 32,
                **env: str) -> tuple[Proc, str]:
     port = free_port()
     proc = spawn(f"echo{instance}-{port}",
-                 gunicorn("apps.echo:create_app()", port, "-w", "1", "--threads", str(threads),
+                 gunicorn("apps.echo.app:create_app()", port, "-w", "1", "--threads", str(threads),
                           "--keep-alive", "75"),
                  {"ECHO_INSTANCE": str(instance), "SEED": str(seed), **env}, log_dir, [port])
     return proc, f"http://127.0.0.1:{port}"
@@ -195,7 +195,7 @@ def start_balancer(backends: list[str], redis_url: str, log_dir: Path, *,
                 # not find an earlier stack's cursor, scores or membership in Redis.
                 "LB_POOL": f"test-{port}-{uuid.uuid4().hex[:8]}", "GUNICORN_WORKERS": str(workers),
                 "GUNICORN_THREADS": str(threads), **(env or {})}
-    argv = [*prefix, str(BIN / "gunicorn"), "-c", "gunicorn_conf.py", "apps.proxy:create_app()"]
+    argv = [*prefix, str(BIN / "gunicorn"), "-c", "gunicorn_conf.py", "apps.lb.proxy:create_app()"]
     proc = spawn(name, argv, settings, log_dir, [port, admin_port])
     try:  # the first worker to listen opens the port; wait for all of them
         wait_for(lambda: listeners(port) >= workers or proc.popen.poll() is not None,

@@ -1,0 +1,1 @@
+"""The balancer: the reverse proxy, its admin listener, health checks and metrics."""
