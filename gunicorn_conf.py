@@ -1,15 +1,15 @@
-"""Gunicorn settings for every server in the Procfile (the balancer and the echo instances).
+"""Gunicorn settings for the balancer (the test backends' are `apps/echo/gunicorn_conf.py`).
 
 Gunicorn only auto-loads `gunicorn.conf.py`, so always pass `-c gunicorn_conf.py`.
-Each setting reads an environment variable with a default; the Procfile's echo
-lines override bind, workers and threads on the command line, which Gunicorn
-ranks above this file.
+Each setting reads an environment variable with a default; options on the command
+line rank above this file.
 """
 import os
 import shutil
-import socket
 import sys
 import tempfile
+
+from apps.launch.listen import check_addresses
 
 _env = os.environ.get
 
@@ -21,9 +21,8 @@ bind = [f"{_env('LB_HOST', '127.0.0.1')}:{_env('LB_PORT', '8000')}"]
 # deadlines and connection caps. A greenlet per connection, not a thread: a
 # slow or idle client costs a little memory instead of one of a few threads
 # (with gthread, 40 clients sending a byte every 3 s took the port down), and
-# a proxy mostly waits on sockets, which is what gevent is for. The Procfile's
-# echo backends run gthread (`-k gthread`), the threaded model they were
-# written for. GUNICORN_WORKER_CLASS overrides it (gthread: the old model).
+# a proxy mostly waits on sockets, which is what gevent is for.
+# GUNICORN_WORKER_CLASS overrides it (gthread: the old model).
 worker_class = _env("GUNICORN_WORKER_CLASS", "apps.lb.edge.EdgeWorker")
 
 # Processes, each with its own GIL: one per core. On 2 cores, 3 or 4 workers
@@ -31,7 +30,7 @@ worker_class = _env("GUNICORN_WORKER_CLASS", "apps.lb.edge.EdgeWorker")
 # contend for the same two cores and each holds its own pools). Range 1..4 x cores.
 workers = int(_env("GUNICORN_WORKERS", "2"))
 
-# Threads per worker, for gthread workers only (the echo backends; EdgeWorker
+# Threads per worker, for gthread workers only (GUNICORN_WORKER_CLASS=gthread; EdgeWorker
 # has a greenlet per connection instead, capped by LB_MAX_CLIENT_CONNECTIONS).
 threads = int(_env("GUNICORN_THREADS", "16"))
 
@@ -87,38 +86,10 @@ accesslog = _env("GUNICORN_ACCESSLOG") or None
 loglevel = _env("GUNICORN_LOGLEVEL", "info")
 
 
-def _is_balancer(server):
-    return getattr(server.app, "app_uri", "").startswith("apps.lb.proxy")
-
-
-def _bind_error(address) -> str | None:
-    """Why a TCP address cannot be listened on, or None. Probed without
-    SO_REUSEPORT, so a process already listening there is found even if it
-    set SO_REUSEPORT itself (a stale worker would otherwise share the traffic)."""
-    if not isinstance(address, tuple):
-        return None  # a Unix socket: Gunicorn handles it
-    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-    with socket.socket(family) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
-        try:
-            probe.bind(address[:2])
-        except OSError as exc:
-            return exc.strerror
-    return None
-
-
 def on_starting(server):
-    """Check the listening addresses; for the balancer, validate its settings once,
-    before anything binds, and make the runtime dir in which workers leave state
-    for the admin listener to read."""
-    for address in server.cfg.address:
-        error = _bind_error(address)
-        if error:
-            print(f"lb: cannot listen on {address[0]}:{address[1]}: {error}", file=sys.stderr,
-                  flush=True)
-            sys.exit(2)
-    if not _is_balancer(server):
-        return
+    """Check the listening addresses and validate the settings once, before anything
+    binds; make the runtime dir in which workers leave state for the admin listener."""
+    check_addresses(server)
     from apps.lb.addresses import AddressPolicy
     from apps.config import SettingsError, load_settings
     try:
@@ -137,7 +108,7 @@ def on_starting(server):
 
 def on_exit(server):
     runtime_dir = os.environ.get("LB_RUNTIME_DIR")
-    if _is_balancer(server) and runtime_dir:
+    if runtime_dir:
         shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
@@ -147,8 +118,6 @@ def when_ready(server):
     server.log.info("workers listen on %s (a socket each: SO_REUSEPORT)",
                     ", ".join(f"{a[0]}:{a[1]}" if isinstance(a, tuple) else str(a)
                               for a in server.cfg.address))
-    if not _is_balancer(server):
-        return
     from apps.lb.admin import start_admin_server
     from apps.config import load_settings
     settings = load_settings()
@@ -164,14 +133,11 @@ def when_ready(server):
 def on_reload(server):
     # A reload (SIGHUP) gives Gunicorn new log handlers: escape those too, and send
     # the admin listener's lines through them.
-    if _is_balancer(server):
-        from apps.lb.logs import log_through_gunicorn
-        log_through_gunicorn()
+    from apps.lb.logs import log_through_gunicorn
+    log_through_gunicorn()
 
 
 def child_exit(server, worker):
-    if not _is_balancer(server):
-        return
     from apps.lb.metrics import mark_process_dead
     mark_process_dead(worker.pid)
     # A worker that dies degraded must not look degraded for ever.
@@ -197,17 +163,10 @@ def pre_request(worker, req):
     # reading the body: close the connection after it, rather than have
     # Gunicorn read the whole body only to throw it away.
     coded = [value for name, value in req.headers if name == "TRANSFER-ENCODING"]
-    if coded and _is_balancer(worker):
+    if coded:
         from apps.lb.body import foreign_codings
         if foreign_codings(",".join(coded)):
             req.force_close()
-
-
-def post_worker_init(worker):
-    # The echo app's `dead` profile needs the worker, to close its port later.
-    hook = getattr(worker.wsgi, "extensions", {}).get("echo.on_worker_init")
-    if hook:
-        hook(worker)
 
 
 def post_fork(server, worker):

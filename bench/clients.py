@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/bench"
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn_conf.py",
+        [str(Path(sys.executable).parent / "gunicorn"), "-c", "apps/echo/gunicorn_conf.py",
          "-b", f"127.0.0.1:{port}", "-w", "1", "--threads", "4", "--log-level", "warning",
          "apps.echo.app:create_app()"],
         cwd=ROOT, env={**os.environ, "SEED": "0"}, stdout=subprocess.DEVNULL)

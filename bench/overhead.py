@@ -185,6 +185,13 @@ def balancer_worker_class() -> str:
     return gunicorn_conf.worker_class
 
 
+def balancer_keepalive() -> int:
+    """The keep-alive seconds gunicorn_conf.py gives the balancer's clients."""
+    sys.path.insert(0, str(ROOT))
+    import gunicorn_conf
+    return gunicorn_conf.keepalive
+
+
 def gunicorn_shape() -> tuple[int, int]:
     """Workers and threads as gunicorn_conf.py sets them (environment included)."""
     sys.path.insert(0, str(ROOT))
@@ -249,10 +256,12 @@ def start_rows(args: argparse.Namespace, run_dir: Path, redis_url: str,
     if want("ceiling"):
         port = free_port()
         # The balancer's own worker class, so that the ceiling is a like-for-like one.
+        # The balancer's Gunicorn settings, without its hooks (no admin listener).
         proc = spawn("ceiling", gunicorn("bench.overhead:create_ceiling_app()", port,
-                                         worker_class=balancer_worker_class()),
-                     {"GUNICORN_WORKERS": str(workers), "GUNICORN_THREADS": str(threads)},
-                     run_dir, [port])
+                                         "-w", str(workers), "--threads", str(threads),
+                                         "--keep-alive", str(balancer_keepalive()),
+                                         "--reuse-port", worker_class=balancer_worker_class()),
+                     {}, run_dir, [port])
         keep(proc)
         wait_for(lambda: listeners(port) >= workers, what="every ceiling worker listening")
         rows.append(Row("ceiling", f"http://127.0.0.1:{port}/", [proc]))

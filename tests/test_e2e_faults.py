@@ -222,8 +222,9 @@ def test_sigterm_lets_in_flight_requests_finish(redis_server, tmp_path):
     reflect_port = free_port()
     reflect = spawn("reflect", gunicorn("tests.reflect:create_app()", reflect_port, "-w", "1",
                                         "--threads", "16"), {}, tmp_path, [reflect_port])
+    # No health checks: their kept-alive connection would count as one of the six.
     proc, url, _ = start_balancer([f"http://127.0.0.1:{reflect_port}"], redis_server, tmp_path,
-                                  workers=2, threads=8)
+                                  workers=2, threads=8, env={"LB_CHECK_INTERVAL_S": "0"})
     try:
         with ThreadPoolExecutor(6) as pool:
             slow = [pool.submit(requests.get, f"{url}/sleep/1.5", timeout=10) for _ in range(6)]

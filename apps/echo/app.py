@@ -1,7 +1,7 @@
 """The echo backend: returns the JSON it is given, with seeded faults.
 
 Run one instance per process, e.g.
-    ECHO_INSTANCE=0 SEED=7 gunicorn -c gunicorn_conf.py -b 127.0.0.1:9001 "apps.echo.app:create_app()"
+    ECHO_INSTANCE=0 SEED=7 gunicorn -c apps/echo/gunicorn_conf.py -b 127.0.0.1:9001 "apps.echo.app:create_app()"
 
 Settings (environment, or the `config` mapping in tests):
     SEED            0 = well-behaved; any other integer gives each instance a fixed

@@ -165,9 +165,13 @@ def start_redis(log_dir: Path) -> tuple[Proc, str]:
     return proc, url
 
 
+# The test backends' Gunicorn settings (the balancer's are gunicorn_conf.py).
+BACKEND_CONF = "apps/echo/gunicorn_conf.py"
+
+
 def gunicorn(app: str, port: int, *options: str, worker_class: str = "gthread") -> list[str]:
     """A Gunicorn command line for a test backend: threaded, as the Procfile's echoes."""
-    return [str(BIN / "gunicorn"), "-c", "gunicorn_conf.py", "-b", f"127.0.0.1:{port}",
+    return [str(BIN / "gunicorn"), "-c", BACKEND_CONF, "-b", f"127.0.0.1:{port}",
             "-k", worker_class, *options, app]
 
 
