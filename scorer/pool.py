@@ -19,7 +19,7 @@ import redis.cluster
 
 from scorer import members as members_mod
 from scorer.members import DRAINING, Member, Snapshot, StateFile, parse_snapshot
-from apps.config import Backend, Settings
+from apps.config import Backend, Settings, script_params
 from scorer.store import Store
 
 log = logging.getLogger("lb.pool")
@@ -99,14 +99,7 @@ RESET_FIELDS = ("score", "in_block", "trial", "ramp_at", "ramp_credit", "blocked
                 "lat_sum", "lat_weight", "err_sum", "err_weight")
 
 # The settings report.lua reads, in its ARGV order (ARGV[8] onwards).
-REPORT_PARAMS = (
-    "score_min", "score_max", "score_threshold", "score_half_life_s", "avg_tau_s",
-    "latency_tau_s", "latency_min_samples", "latency_ratio", "latency_slack_ms",
-    "slow_points", "slow_max_points", "fast_bonus", "error_points", "error_latency_factor",
-    "error_tau_s", "error_quiet", "success_bonus", "block_turns", "block_turns_per_point",
-    "block_min_s", "block_max_s", "reoffend_s", "max_blocked_share", "min_unblocked",
-    "relative_credit", "check_rise", "check_fail_points", "request_timeout",
-)
+REPORT_PARAMS = script_params("report")
 
 
 class Pool:
@@ -132,9 +125,7 @@ class Pool:
                               member_order_key(settings.pool)]
         self._checker_key = checker_key(settings.pool)
         self._scored = "1" if settings.strategy == "scored" else "0"
-        self._pick_params = [repr(settings.retry_budget), repr(settings.retry_budget_min),
-                             repr(settings.retry_budget_tau_s), repr(settings.slow_start_s),
-                             repr(settings.check_interval_s)]
+        self._pick_params = [repr(getattr(settings, name)) for name in script_params("pick")]
         self._params = [repr(getattr(settings, name)) for name in REPORT_PARAMS]
         # The membership this worker knows: the start-up list (or the one saved
         # on disk) until Redis says otherwise (`synced` False: not asked yet).

@@ -13,9 +13,9 @@
 -- ARGV[5]  retry_budget        retries allowed as a share of recent requests...
 -- ARGV[6]  retry_budget_min    ...plus this many
 -- ARGV[7]  retry_budget_tau_s  time constant of the recent request and retry counts
--- ARGV[8]  slow_start_s        time a backend back from a block takes to ramp up to
+-- ARGV[8]  check_interval_s    the health checker's interval (0: no active checks)
+-- ARGV[9]  slow_start_s        time a backend back from a block takes to ramp up to
 --                              its full share
--- ARGV[9]  check_interval_s    the health checker's interval (0: no active checks)
 -- ARGV[10] weights             comma-separated weight per backend, '' for all 1:
 --                              a backend of weight w is picked w times in a row
 --                              per turn of the cursor; weight 0 is never picked
@@ -47,8 +47,8 @@ local is_retry = ARGV[4] == '1'
 local retry_budget = tonumber(ARGV[5])
 local retry_budget_min = tonumber(ARGV[6])
 local retry_budget_tau_s = tonumber(ARGV[7])
-local slow_start_s = tonumber(ARGV[8])
-local check_interval_s = tonumber(ARGV[9])
+local check_interval_s = tonumber(ARGV[8])
+local slow_start_s = tonumber(ARGV[9])
 local weights = {}
 for weight in string.gmatch(ARGV[10] or '', '[^,]+') do
     weights[#weights + 1] = tonumber(weight)

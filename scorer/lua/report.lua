@@ -15,34 +15,35 @@
 -- ARGV[5]  status               HTTP status, 0 when there was none
 -- ARGV[6]  may_block            1 (strategy `scored`) or 0 (keep scores, never block)
 -- ARGV[7]  is_check             1 for an active health check's result, 0 for traffic
--- ARGV[8]  score_min            ARGV[8..35]: the LB_* settings of the same name
--- ARGV[9]  score_max
--- ARGV[10] score_threshold
--- ARGV[11] score_half_life_s
--- ARGV[12] avg_tau_s
--- ARGV[13] latency_tau_s
--- ARGV[14] latency_min_samples
--- ARGV[15] latency_ratio
--- ARGV[16] latency_slack_ms
--- ARGV[17] slow_points
--- ARGV[18] slow_max_points
--- ARGV[19] fast_bonus
--- ARGV[20] error_points
--- ARGV[21] error_latency_factor
--- ARGV[22] error_tau_s
--- ARGV[23] error_quiet
--- ARGV[24] success_bonus
--- ARGV[25] block_turns
--- ARGV[26] block_turns_per_point
--- ARGV[27] block_min_s
--- ARGV[28] block_max_s
--- ARGV[29] reoffend_s
--- ARGV[30] max_blocked_share
--- ARGV[31] min_unblocked
--- ARGV[32] relative_credit
--- ARGV[33] check_rise
--- ARGV[34] check_fail_points
--- ARGV[35] request_timeout
+-- ARGV[8]  request_timeout      ARGV[8..35]: the LB_* settings of the same name,
+--                               in the order of their rows in apps/config/table.py
+-- ARGV[9]  score_min
+-- ARGV[10] score_max
+-- ARGV[11] score_threshold
+-- ARGV[12] score_half_life_s
+-- ARGV[13] avg_tau_s
+-- ARGV[14] latency_tau_s
+-- ARGV[15] latency_min_samples
+-- ARGV[16] latency_ratio
+-- ARGV[17] latency_slack_ms
+-- ARGV[18] slow_points
+-- ARGV[19] slow_max_points
+-- ARGV[20] fast_bonus
+-- ARGV[21] error_points
+-- ARGV[22] error_latency_factor
+-- ARGV[23] error_tau_s
+-- ARGV[24] error_quiet
+-- ARGV[25] success_bonus
+-- ARGV[26] relative_credit
+-- ARGV[27] block_turns
+-- ARGV[28] block_turns_per_point
+-- ARGV[29] block_min_s
+-- ARGV[30] block_max_s
+-- ARGV[31] reoffend_s
+-- ARGV[32] check_rise
+-- ARGV[33] check_fail_points
+-- ARGV[34] max_blocked_share
+-- ARGV[35] min_unblocked
 -- Returns  {score, blocked_turns}: the score after this report (as a string,
 --          Redis would truncate a number) and the turns of a block it started, or 0.
 --
@@ -58,34 +59,34 @@ local outcome = ARGV[4]
 local status = ARGV[5]
 local may_block = ARGV[6] == '1'
 local is_check = ARGV[7] == '1'
-local score_min = tonumber(ARGV[8])
-local score_max = tonumber(ARGV[9])
-local score_threshold = tonumber(ARGV[10])
-local score_half_life_s = tonumber(ARGV[11])
-local avg_tau_s = tonumber(ARGV[12])
-local latency_tau_s = tonumber(ARGV[13])
-local latency_min_samples = tonumber(ARGV[14])
-local latency_ratio = tonumber(ARGV[15])
-local latency_slack_ms = tonumber(ARGV[16])
-local slow_points = tonumber(ARGV[17])
-local slow_max_points = tonumber(ARGV[18])
-local fast_bonus = tonumber(ARGV[19])
-local error_points = tonumber(ARGV[20])
-local error_latency_factor = tonumber(ARGV[21])
-local error_tau_s = tonumber(ARGV[22])
-local error_quiet = tonumber(ARGV[23])
-local success_bonus = tonumber(ARGV[24])
-local block_turns = tonumber(ARGV[25])
-local block_turns_per_point = tonumber(ARGV[26])
-local block_min_s = tonumber(ARGV[27])
-local block_max_s = tonumber(ARGV[28])
-local reoffend_s = tonumber(ARGV[29])
-local max_blocked_share = tonumber(ARGV[30])
-local min_unblocked = tonumber(ARGV[31])
-local relative_credit = tonumber(ARGV[32])
-local check_rise = tonumber(ARGV[33])
-local check_fail_points = tonumber(ARGV[34])
-local request_timeout = tonumber(ARGV[35])
+local request_timeout = tonumber(ARGV[8])
+local score_min = tonumber(ARGV[9])
+local score_max = tonumber(ARGV[10])
+local score_threshold = tonumber(ARGV[11])
+local score_half_life_s = tonumber(ARGV[12])
+local avg_tau_s = tonumber(ARGV[13])
+local latency_tau_s = tonumber(ARGV[14])
+local latency_min_samples = tonumber(ARGV[15])
+local latency_ratio = tonumber(ARGV[16])
+local latency_slack_ms = tonumber(ARGV[17])
+local slow_points = tonumber(ARGV[18])
+local slow_max_points = tonumber(ARGV[19])
+local fast_bonus = tonumber(ARGV[20])
+local error_points = tonumber(ARGV[21])
+local error_latency_factor = tonumber(ARGV[22])
+local error_tau_s = tonumber(ARGV[23])
+local error_quiet = tonumber(ARGV[24])
+local success_bonus = tonumber(ARGV[25])
+local relative_credit = tonumber(ARGV[26])
+local block_turns = tonumber(ARGV[27])
+local block_turns_per_point = tonumber(ARGV[28])
+local block_min_s = tonumber(ARGV[29])
+local block_max_s = tonumber(ARGV[30])
+local reoffend_s = tonumber(ARGV[31])
+local check_rise = tonumber(ARGV[32])
+local check_fail_points = tonumber(ARGV[33])
+local max_blocked_share = tonumber(ARGV[34])
+local min_unblocked = tonumber(ARGV[35])
 
 local pool_key = KEYS[1]
 local key = KEYS[index + 2]
