@@ -38,7 +38,7 @@ threads = int(_env("GUNICORN_THREADS", "16"))
 # new connections over them. With one shared socket, whichever worker wakes
 # first accepts: a burst of keep-alive clients (a load test, a pool of
 # upstream proxies) can land all on one worker, which then runs one core flat
-# out while the other idles, at half the throughput (README, "Performance").
+# out while the other idles, at half the throughput (docs/performance.md).
 # Each worker binds on its own, so on_starting checks first that the address
 # is free and stops with one clear line if not.
 reuse_port = True

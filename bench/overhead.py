@@ -45,7 +45,7 @@ from apps.launch.stack import (
 
 RESULTS = ROOT / "bench" / "results"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-# The targets (README, "Performance"): measured here, never asserted in tests.
+# The targets (docs/performance.md): measured here, never asserted in tests.
 TARGET_CPU_VS_CEILING = 2.0
 TARGET_SCORED_VS_RR = 0.9
 TARGET_ADDED_P50_MS = 1.5

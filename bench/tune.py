@@ -30,7 +30,7 @@ from apps.config import TABLE
 # Nor are the latency ratio, slack and smoothing: they are what keeps a healthy
 # pool free of false blocks, and the simulator's healthy backends lack the
 # noise of real ones (a cold start, a GC pause, a busy core), so it cannot
-# judge them; they are set by hand with a margin (see the README).
+# judge them; they are set by hand with a margin (docs/benchmarks.md, "Results").
 SPACE: dict[str, list[str]] = {
     "LB_SCORE_THRESHOLD": ["10", "15", "20", "30", "40"],
     "LB_ERROR_POINTS": ["4", "6", "8", "12", "16"],

@@ -23,7 +23,7 @@ from tests.support import (
 pytestmark = pytest.mark.e2e
 
 CAP = 256  # LB_ADMIN_MAX_CONNECTIONS's default
-BOUND_KIB = CAP * 96  # README, "Admin endpoints": 80 KiB of request data and the rest
+BOUND_KIB = CAP * 96  # docs/operating.md, "Admin endpoints": 80 KiB of request data and the rest
 
 
 @pytest.fixture(scope="module")

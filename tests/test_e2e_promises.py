@@ -1,4 +1,4 @@
-"""The README's promises about deadlines, retries, degraded mode, trials and checks,
+"""The promises of docs/operating.md and docs/scorer.md about deadlines, retries, degraded mode, trials and checks,
 each tested through a real balancer under Gunicorn.
 
 The backends are small servers in this process (tests/rawbackend.py
