@@ -1,5 +1,5 @@
-"""The promises of docs/operating.md and docs/scorer.md about deadlines, retries, degraded mode, trials and checks,
-each tested through a real balancer under Gunicorn.
+"""The promises of docs/operating.md and docs/scorer.md about deadlines, retries,
+degraded mode, trials and checks, each tested through a real balancer under Gunicorn.
 
 The backends are small servers in this process (tests/rawbackend.py
 ScriptedBackend, and the failing TLS servers below), so that a test can set
