@@ -10,9 +10,9 @@ import fakeredis
 import pytest
 import redis
 
-from scorer.pool import (
-    CONNECT, HTTP_5XX, OK, REPORT_PARAMS, TIMEOUT, Outcome, Pool, backend_key, load_lua, pool_key,
-)
+from scorer.keys import backend_key, load_lua, pool_key
+from scorer.pool import CONNECT, HTTP_5XX, OK, TIMEOUT, Outcome, Pool
+from scorer.traffic import REPORT_PARAMS
 from scorer.members import LastBackendError, Member, StateFile
 from apps.config import load_settings, parse_backends
 
