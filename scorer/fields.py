@@ -126,9 +126,11 @@ class Reading:
         return float(self.text(name) or 0)
 
     def ratio(self, total: str, weight: str) -> float | None:
-        return self.number(total) / self.number(weight) if self.number(weight) else None
+        total_, weight_ = self.number(total), self.number(weight)
+        return total_ / weight_ if weight_ else None
 
     def counts(self, prefix: str) -> dict[str, int]:
         """The fields under a declared prefix, by what follows it."""
+        prefix = self._declared(prefix)
         return {key.removeprefix(prefix): int(value)
-                for key, value in self._state.items() if key.startswith(self._declared(prefix))}
+                for key, value in self._state.items() if key.startswith(prefix)}
