@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Sequence
 
-import redis
+from redis import Redis
 
 from apps.config import Backend, Settings
 from scorer.keys import connect, load_lua
@@ -32,7 +32,7 @@ class Pool:
     """One balancer's view of the shared pool of backends."""
 
     def __init__(self, settings: Settings,
-                 redis_factory: Callable[[], redis.Redis] | None = None,
+                 redis_factory: Callable[[], Redis] | None = None,
                  clock: Callable[[], float] = time.time, *,
                  degrade: bool = True, marker_dir: str | None = None,
                  state_file: StateFile | None = None) -> None:
@@ -89,7 +89,7 @@ class Pool:
     # --- status and the admin's edits -----------------------------------------------
 
     @property
-    def redis(self) -> redis.Redis:
+    def redis(self) -> Redis:
         return self.store.redis
 
     def redis_problem(self) -> str | None:
