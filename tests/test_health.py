@@ -10,7 +10,8 @@ import pytest
 import redis
 
 from apps.lb.health import CHECK_HEADER, HealthChecker
-from scorer.pool import Pool, checker_key
+from scorer.keys import checker_key
+from scorer.pool import Pool
 from apps.config import load_settings
 from tests.support import free_port, wait_for
 

@@ -11,7 +11,8 @@ import pytest
 import redis
 
 from apps.lb.admin import create_app
-from scorer.pool import Outcome, Pool, connect, pool_key
+from scorer.keys import connect, pool_key
+from scorer.pool import Outcome, Pool
 from apps.launch.redis_server import server_command
 from apps.config import load_settings
 from tests.support import free_port, spawn, wait_for

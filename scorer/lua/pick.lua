@@ -1,4 +1,5 @@
 -- pick: advance the pool's shared round-robin cursor past blocked backends.
+-- Prelude: lib.lua (end_block), prepended by load_lua.
 --
 -- KEYS[1]      lb:{pool}:pool       hash: cursor, panic_picks, over_cap_picks, the retry budget's
 --                                   counts (req_sum, retry_sum, budget_at), retries_denied
@@ -125,8 +126,7 @@ for step = first_step, first_step + n - 1 do
             else
                 -- The block is over. Whatever answers arrived during it, the
                 -- backend starts again from a clean score, ramping up its share.
-                redis.call('HSET', key, 'in_block', 0, 'trial', 0, 'score', 0,
-                           'ramp_at', now, 'ramp_credit', 0)
+                end_block(key, now)
                 state[5], state[6] = now, 0
             end
         end

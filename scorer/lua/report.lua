@@ -1,6 +1,7 @@
 -- report: score one upstream attempt, or one health check, and block its backend
 -- when the score says so. This file is the scorer: every rule that turns outcomes
 -- into scores, blocks and trials.
+-- Prelude: lib.lua (end_block), prepended by load_lua.
 --
 -- KEYS[1]      lb:{pool}:pool      hash: the pool's latency averages (avg_sum,
 --                                  avg_weight; all_sum, all_weight), error rate
@@ -228,8 +229,7 @@ else
             redis.call('HSET', key, 'trial', 0, 'check_ok_streak', 0)
             redis.call('HINCRBY', key, 'trials_failed', 1)
         else
-            redis.call('HSET', key, 'in_block', 0, 'trial', 0, 'score', 0, 'blocked_turns', 0,
-                       'ramp_at', now, 'ramp_credit', 0)
+            end_block(key, now)
             redis.call('HINCRBY', key, 'trials_passed', 1)
             return {tostring(score), 0}
         end
@@ -266,7 +266,7 @@ if blocked >= cap then
         redis.call('HINCRBY', pool_key, 'blocks_deferred', 1)
         return {tostring(score), 0}
     end
-    redis.call('HSET', best_key, 'in_block', 0, 'score', 0, 'blocked_turns', 0)
+    end_block(best_key)  -- cut short: no slow start, its trial left as it was
     redis.call('HINCRBY', pool_key, 'block_swaps', 1)
 end
 
