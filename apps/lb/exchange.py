@@ -34,7 +34,7 @@ ABORTED = "aborted"    # cut by something else (a worker timeout, a bug): nothin
 
 # on_end(how, backend, outcome, error): the outcome is what the pool is told
 # (None for CLIENT and ABORTED); the error is the UpstreamError of FAILED and BROKEN.
-OnEnd = Callable[[str, Backend, "Outcome | None", "UpstreamError | None"], None]
+OnEnd = Callable[[str, Backend, Outcome | None, UpstreamError | None], None]
 
 
 def has_no_body(method: str, status: int) -> bool:

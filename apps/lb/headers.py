@@ -20,7 +20,7 @@ HOP_BY_HOP = frozenset({
     "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization",
 })
 # Set afresh by the balancer, so a client cannot forge them (X-Request-ID: the
-# client's is kept if sane, see apps/lb/proxy.py); and Expect, since the balancer
+# client's is kept if sane, see apps/lb/frontend.py); and Expect, since the balancer
 # has already taken the body (or is streaming it) by then.
 REPLACED_REQUEST_HEADERS = frozenset({"host", "expect", "x-request-id"}) | forwarded.OWNED
 # The balancer's own server sends these; forwarding the backend's would

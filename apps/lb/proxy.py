@@ -3,10 +3,12 @@
     gunicorn -c gunicorn_conf.py "apps.lb.proxy:create_app()"
 
 A request's path: read the body (bounded by LB_MAX_BODY), ask the pool for a
-backend, forward, report the outcome to the pool, relay the answer; when an
-attempt fails and may be repeated, do it again on another backend, within the
-retry budget and the request's deadline. The balancer's own endpoints are on
-the admin listener (apps/lb/admin.py), so no path here is reserved.
+backend, make one exchange with it (apps/lb/exchange.py), relay the answer;
+when an attempt fails and may be repeated, do it again on another backend,
+within the retry budget and the request's deadline. Each attempt's end is
+counted, logged and reported to the pool by one observer (apps/lb/observer.py).
+The balancer's own endpoints are on the admin listener (apps/lb/admin.py), so
+no path here is reserved.
 """
 from __future__ import annotations
 
