@@ -43,7 +43,7 @@ class Reply:
     """What a fake backend does with one request: answer `status` and `body` after
     `delay` seconds, or fail as `fault` says ("refused": no connection; "reset": the
     connection broke after the request went; "cut": the body ends before its
-    Content-Length, the connection closed)."""
+    Content-Length, the connection closed; "bug": what no backend causes)."""
 
     status: int = 200
     body: bytes = b"ok"
@@ -78,6 +78,8 @@ class FakeUpstreams:
             raise UpstreamError(CONNECT, "connection refused or unreachable", delivered=False)
         received = body if isinstance(body, bytes) or body is None else b"".join(body)
         self.sent.append(Sent(backend.id, method, headers, received or b"", timeout))
+        if reply.fault == "bug":  # Upstreams.send lets what it does not know pass
+            raise RuntimeError("not a backend's fault")
         if reply.fault == "reset":
             raise UpstreamError(PROTOCOL, "connection broken: ConnectionResetError()")
         if reply.delay > timeout.read_timeout:  # as urllib3: waits that long, then gives up
@@ -123,6 +125,13 @@ def metric(name: str, **labels: str) -> float:
 
 def attempts(backend: str, result: str) -> float:
     return metric("lb_upstream_attempts_total", backend=backend, result=result)
+
+
+def all_attempts(backend: str) -> float:
+    """Attempts on `backend` counted under any result."""
+    return sum(sample.value for family in REGISTRY.collect()
+               if family.name == "lb_upstream_attempts" for sample in family.samples
+               if sample.name.endswith("_total") and sample.labels["backend"] == backend)
 
 
 def in_flight(app) -> dict[str, int]:
@@ -193,6 +202,16 @@ def test_a_retryable_status_is_relayed_when_no_retry_follows(make_app, upstreams
     answer = make_app(LB_RETRIES="0").test_client().get("/")
     assert (answer.status_code, answer.data) == (503, b"busy")
     assert len(upstreams.sent) == 1
+
+
+def test_an_attempt_cut_by_a_bug_gives_its_slot_back_and_counts_nothing(make_app, upstreams):
+    app = make_app(LB_BACKENDS="http://10.20.0.8:80")
+    counted = all_attempts("10.20.0.8:80")
+    upstreams.replies = [Reply(fault="bug")]
+    answer = app.test_client().get("/")
+    assert answer.status_code == 500 and len(upstreams.sent) == 1  # not retried
+    assert in_flight(app) == {"10.20.0.8:80": 0}
+    assert all_attempts("10.20.0.8:80") == counted
 
 
 # --- the request's deadline -----------------------------------------------------------

@@ -88,36 +88,37 @@ class Exchange:
         except BaseException:
             on_end(ABORTED, backend, None, None)
             raise
+        status = upstream.status
+        retryable = status in self._retry_on
         try:
-            return self._answer(backend, method, upstream, latency, on_end)
+            content = self._body(backend, method, upstream, status, retryable, latency,
+                                 on_end)
         except UpstreamError as err:
             on_end(FAILED, backend, Outcome(backend, latency, error=err.kind), err)
             raise
         except BaseException:
             on_end(ABORTED, backend, None, None)
             raise
+        if not isinstance(content, (BodyStream, BufferedBody)):  # read whole: it ends now
+            on_end(ANSWERED, backend, Outcome(backend, latency, status=status), None)
+        return Answer(status, upstream.headers, content, latency, retryable)
 
-    def _answer(self, backend: Backend, method: str, upstream: urllib3.BaseHTTPResponse,
-                latency: float, on_end: OnEnd) -> Answer:
-        status = upstream.status
-        retryable = status in self._retry_on
+    def _body(self, backend: Backend, method: str, upstream: urllib3.BaseHTTPResponse,
+              status: int, retryable: bool, latency: float,
+              on_end: OnEnd) -> bytes | BodyStream | BufferedBody | None:
+        """The answer's body read whole, or its relay, which ends the attempt itself."""
         length = upstream.headers.get("Content-Length", "")
         if retryable or has_no_body(method, status) or (
                 length.isdigit() and int(length) <= STREAM_CHUNK):
             # Small bodies are read whole; a retryable answer is kept (if small)
             # to relay in case no retry follows.
-            content: bytes | BodyStream | BufferedBody | None = read_capped(upstream, STREAM_CHUNK)
-            on_end(ANSWERED, backend, Outcome(backend, latency, status=status), None)
-        else:
-            start = start_stream(upstream)  # raises before any relay owns the end
-            ended = lambda err, complete: self._relay_ended(  # noqa: E731
-                on_end, backend, latency, status, err, complete)
-            if self._buffering:  # the backend is free when it is done
-                content = BufferedBody(upstream, start, ended,
-                                       memory=self._memory, disk=self._disk)
-            else:
-                content = BodyStream(upstream, start, on_end=ended)
-        return Answer(status, upstream.headers, content, latency, retryable)
+            return read_capped(upstream, STREAM_CHUNK)
+        start = start_stream(upstream)  # raises before any relay owns the end
+        ended = lambda err, complete: self._relay_ended(  # noqa: E731
+            on_end, backend, latency, status, err, complete)
+        if self._buffering:  # the backend is free when it is done
+            return BufferedBody(upstream, start, ended, memory=self._memory, disk=self._disk)
+        return BodyStream(upstream, start, on_end=ended)
 
     @staticmethod
     def _relay_ended(on_end: OnEnd, backend: Backend, latency: float, status: int,
