@@ -351,7 +351,7 @@ def breakdown(backend_urls: list[str], redis_url: str, calls: int = 2000) -> lis
 LAYERS = (
     ("Redis client (scorer/, redis-py)", ("(redis/", "(scorer/")),
     ("upstream HTTP (urllib3, http.client)", ("(urllib3/", "(http/client.py", "(email/",
-                                               "(apps/lb/upstream.py")),
+                                               "(apps/lb/upstream.py", "(apps/lb/relay.py")),
     ("metrics (prometheus_client)", ("(prometheus_client/",)),
     ("balancer's own code (apps/)", ("(apps/",)),
     ("Flask and Werkzeug", ("(flask/", "(werkzeug/")),

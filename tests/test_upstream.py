@@ -7,10 +7,10 @@ import pytest
 import urllib3
 
 from apps.lb.forwarded import Hop, hop_of
-from apps.lb.upstream import (
-    BodyStream, client_response_headers, cookie_header, hop_by_hop, request_target,
-    start_stream, upstream_request_headers,
+from apps.lb.headers import (
+    client_response_headers, cookie_header, hop_by_hop, request_target, upstream_request_headers,
 )
+from apps.lb.relay import BodyStream, start_stream
 from apps.config import load_settings, parse_networks
 
 BACKEND = load_settings(environ={"LB_BACKENDS": "http://10.0.0.5:9001"}).backends[0]

@@ -22,7 +22,8 @@ import urllib3
 from urllib3.exceptions import HTTPError
 
 from apps.lb.body import let_others_run
-from apps.lb.upstream import STREAM_CHUNK, Ending, UpstreamError, classify
+from apps.lb.relay import Ending
+from apps.lb.upstream import STREAM_CHUNK, UpstreamError, classify
 from scorer.pool import PROTOCOL
 
 

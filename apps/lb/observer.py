@@ -1,0 +1,115 @@
+"""What the proxy makes known of its traffic: metrics, log lines, reports to the pool.
+
+The Forwarder (apps/lb/proxy.py) tells one Observer of each attempt's end
+(how it ended: apps/lb/exchange.py), of each retry, and of each request
+answered; the proxy writes no metric and no log line of its own. The report
+to the pool goes through here too: the scorer is one more observer of
+attempts, and its verdict (a block) is made known from here as well.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Callable
+
+from flask import Request, Response
+
+from apps.lb import metrics
+from apps.lb.exchange import BROKEN, CLIENT, FAILED
+from apps.lb.upstream import UpstreamError
+from scorer.pool import Outcome, Pool
+from apps.config import Backend
+
+if TYPE_CHECKING:
+    from apps.lb.proxy import Failure
+
+# The proxy's log lines, under the logger they always had.
+log = logging.getLogger("lb.proxy")
+
+
+class Observer:
+    """Counts, logs and reports what the Forwarder tells it; never raises for it."""
+
+    def __init__(self, pool: Pool, access: logging.Logger | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.pool = pool
+        self.access = access
+        self.clock = clock
+
+    def attempt_ended(self, how: str, req: Request, backend: Backend,
+                      outcome: Outcome | None, error: UpstreamError | None) -> None:
+        """One attempt is over (`how`: exchange.ANSWERED, FAILED, BROKEN, CLIENT or
+        ABORTED); `outcome` is reported to the pool unless None. An attempt the
+        client ended is counted but not reported, as the backend is not at fault;
+        a trial ended so stays in flight until LB_REQUEST_TIMEOUT has passed, when
+        the next passing health check offers another (report.lua)."""
+        if outcome is not None:
+            self.report(outcome)
+        if how == FAILED:
+            log.warning("%s %s -> %s: %s", req.method, req.path, backend.id, error)
+        elif how == BROKEN:
+            log.warning("upstream %s broke off a streamed body: %s", backend.id, error)
+        elif how == CLIENT:
+            metrics.ATTEMPTS.labels(backend.id, "client").inc()
+
+    def report(self, outcome: Outcome) -> None:
+        """Count an attempt's result and tell the pool; a block it starts is logged."""
+        backend = outcome.backend.id
+        result = f"{outcome.status // 100}xx" if outcome.status else outcome.kind
+        metrics.ATTEMPTS.labels(backend, result).inc()
+        if outcome.status:
+            metrics.LATENCY.labels(backend).observe(outcome.latency_s)
+        try:
+            score, turns = self.pool.report(outcome)
+        except Exception:  # bookkeeping must never cost the client its answer
+            log.exception("report failed")
+            return
+        if turns:
+            metrics.BLOCKS.labels(backend).inc()
+            log.warning("blocked %s for %d turns at score %.1f (why: GET /status)",
+                        outcome.backend.id, turns, score)
+
+    def retrying(self, req: Request, backend: Backend, failure: Failure) -> None:
+        metrics.RETRIES.inc()
+        log.info("retrying %s %s on %s after %s from %s", req.method, req.path,
+                 backend.id, failure.describe(), failure.backend.id)
+
+    def pick_failed(self) -> None:
+        """The pick raised: the store degrades by itself, so this is a bug, not an outage."""
+        log.exception("pick failed")
+
+    def answered(self, req: Request, response: Response, request_id: str, started: float,
+                 attempts: int) -> None:
+        """A request is answered: count it, and write its access-log line."""
+        metrics.REQUESTS.labels(response.headers.get("X-Upstream", "none"),
+                                f"{response.status_code // 100}xx").inc()
+        if self.access is None:
+            return
+        self.access.info(json.dumps({
+            "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "request_id": request_id, "client": req.remote_addr,
+            "method": req.method,
+            "path": req.environ.get("RAW_URI") or req.full_path,
+            "status": response.status_code,
+            "backend": response.headers.get("X-Upstream"),
+            "latency_ms": round((self.clock() - started) * 1000, 3),
+            "attempts": attempts,
+        }, separators=(",", ":")))
+
+
+def access_logger(target: str) -> logging.Logger | None:
+    """The JSON access log: standard output (`-`), a file, or None (`off`)."""
+    if target == "off":
+        return None
+    logger = logging.getLogger("lb.access")
+    if not logger.handlers:
+        handler = (logging.StreamHandler(sys.stdout) if target == "-"
+                   else logging.FileHandler(target))
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
