@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from dataclasses import dataclass
 
@@ -34,9 +34,9 @@ from apps.lb.errors import json_error, register_json_errors
 from apps.lb.forwarded import hop_of
 from apps.lb.health import HealthChecker
 from apps.lb.logs import log_through_gunicorn
-from apps.lb.retry import may_retry
+from apps.lb.policy import InFlight, choose, may_retry, may_start
 from apps.lb.upstream import (
-    STREAM_CHUNK, BodyStream, InFlight, UpstreamError, Upstreams, client_response_headers,
+    STREAM_CHUNK, BodyStream, UpstreamError, Upstreams, client_response_headers,
     has_no_body, read_capped, request_target, start_stream, upstream_request_headers,
 )
 from scorer.members import state_file_for
@@ -88,10 +88,6 @@ class Failure:
     def describe(self) -> str:
         return str(self.error) if self.error else f"status {self.response.status_code}"
 
-
-# Picks one attempt may make when other threads keep taking the last in-flight
-# slot of the backend picked (each pick sees the slot gone, and goes elsewhere).
-PICKS_PER_ATTEMPT = 3
 
 # Every method but CONNECT is forwarded; a 405 must still name some (RFC 9110 15.5.6).
 ALLOWED_METHODS = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"
@@ -147,9 +143,9 @@ class Forwarder:
         deadline = time.monotonic() + settings.request_timeout
         tried: list[Backend] = []
         failure: Failure | None = None
-        while len(tried) <= settings.retries:
+        while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if not may_start(len(tried), settings.retries, remaining):
                 break
             try:
                 backend = self.choose(tried)
@@ -175,27 +171,8 @@ class Forwarder:
         return self.give_up(req, failure, len(tried))
 
     def choose(self, tried: list[Backend]) -> Backend | None:
-        """Pick a backend and take one of this worker's in-flight slots on it.
-
-        The busy flags are read before the pick and the slot is taken after it,
-        so another thread may take the last slot in between: then pick again,
-        with that backend now busy. A pick that went over the cap because every
-        candidate was busy keeps its slot regardless.
-        """
-        busy: set[str] = set()
-
-        def flags(backends: Sequence[Backend]) -> str:
-            made = self.inflight.flags(backends, tried)
-            busy.clear()
-            busy.update(b.id for b, flag in zip(backends, made) if flag == "b")
-            return made
-
-        for _ in range(PICKS_PER_ATTEMPT):
-            backend = self.pool.pick(flags, retry=bool(tried))
-            if backend is None or self.inflight.take(backend, over_cap=backend.id in busy):
-                return backend
-        self.inflight.take(backend, over_cap=True)  # still racing: the cap gives way
-        return backend
+        """Pick a backend and take one of this worker's in-flight slots on it."""
+        return choose(self.pool.pick, self.inflight, tried)
 
     def attempt(self, req: Request, backend: Backend, target: str, body: RequestBody,
                 remaining: float, request_id: str = "") -> Response | Failure:
@@ -343,7 +320,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     # Kept-alive connections per backend: as many as this worker sends it at once
     # below its in-flight cap (a pick over the cap opens one more, not kept).
     forwarder = Forwarder(settings, pool, Upstreams(settings, maxsize=settings.max_inflight),
-                          InFlight(settings.max_inflight))
+                          InFlight(settings.max_inflight, gauge=metrics.INFLIGHT))
     app.extensions["lb.forwarder"] = forwarder
     if settings.check_interval_s > 0:
         checker = HealthChecker(settings, pool)
