@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from apps.config import Backend
 from apps.echo import profiles as simulate
 from apps.lb.policy import BROKEN, CONNECT_REFUSED, READ_TIMEOUT, Fault, InFlight
+from bench.stats import percentile
 
 # Time a backend spends on a request on top of its drawn latency (an echo's CPU).
 BASE_SERVICE_S = 0.0005
@@ -77,6 +78,24 @@ class SimResult:
     over_cap_picks: int
     shares: dict[str, int] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, s: Scenario, strategy: str, latencies: Sequence[float], *, errors: int,
+           retries: int, virtual_s: float, shares: dict[str, int],
+           status: Mapping[str, Any] | None) -> SimResult:
+        """A run's result from what it counted; `status` is the pool's (None for the
+        oracle, which uses no pool)."""
+        ordered = sorted(latencies)
+        return cls(
+            scenario=s.name, strategy=strategy, seed=s.seed, instances=s.instances,
+            id_offset=s.id_offset, requests=s.requests, errors=errors,
+            error_rate=errors / s.requests,
+            p50_ms=percentile(ordered, 50) * 1000, p90_ms=percentile(ordered, 90) * 1000,
+            p99_ms=percentile(ordered, 99) * 1000, max_ms=ordered[-1] * 1000,
+            virtual_s=virtual_s, retries=retries,
+            blocks=sum(b["blocks"] for b in status["backends"]) if status else 0,
+            panic_picks=status["panic_picks"] if status else 0,
+            over_cap_picks=status["over_cap_picks"] if status else 0, shares=shares)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -126,6 +145,35 @@ class SimBackend:
         waiting = max(0, inflight + 1 - threads)
         failure = max(phase.error_rate, phase.reset_rate)
         return failure * ORACLE_ERROR_COST_S + mean_s + waiting * mean_s / threads
+
+    def serve(self, draw: simulate.Draw, clock: Callable[[], float],
+              at: Callable[[float, Callable[[], None]], None],
+              conclude: Callable[[int | None, Fault | None], None]) -> None:
+        """The backend's side of one attempt, on the simulation's clock and event
+        queue (`at`): refused at once, or served by one of its threads when one is
+        free, answering after the drawn latency (a hung thread never answers)."""
+        fault = dead_fault(draw)
+        if fault is not None:
+            at(clock(), lambda: conclude(None, fault))
+            return
+
+        def run() -> None:
+            if draw.hang:  # the thread is taken for good; the read timeout ends the attempt
+                return
+
+            def answer() -> None:
+                if self.queue:  # the thread goes straight to the next queued request
+                    self.queue.popleft()()
+                else:
+                    self.free += 1
+                conclude(*answer_of(draw))
+            at(clock() + draw.latency_s + BASE_SERVICE_S, answer)
+
+        if self.free > 0:
+            self.free -= 1
+            run()
+        else:
+            self.queue.append(run)
 
 
 class Oracle:

@@ -1,27 +1,22 @@
 """An offline simulator of the whole system, on a virtual clock (no sleeping).
 
-What is real: the pool's Lua scripts (run through `scorer.pool.Pool` on
-fakeredis or a real Redis); the balancer's decisions (`apps.lb.policy`: which
-failure may be retried, whether another attempt may start, the pick with its
-in-flight caps and tried backends, how a probe is judged), called here exactly
-as the proxy and its health checker call them; and the echo backends' fault
-profiles and per-request draws (`apps.echo.profiles`, keyed by the request id
-exactly as the echo app keys them).
+Real: the pool's Lua scripts (through `scorer.pool.Pool`, on fakeredis or a
+real Redis); the balancer's decisions (`apps.lb.policy`: which failure may be
+retried, whether another attempt may start, the pick with its in-flight caps
+and tried backends, how a probe is judged), called as the proxy and its health
+checker call them; the echo backends' fault profiles and per-request draws
+(`apps.echo.profiles`, keyed by the request id as the echo app keys them).
 
-What is modelled (bench/scenario.py): the pool's health checker (a probe per
-backend each LB_CHECK_INTERVAL_S, judged by the backend's phase); `clients`
-closed-loop clients (each sends its next request as soon as the last one ends,
-like the threaded benchmark's workers); the balancer's connection slots
-(Gunicorn workers x LB_MAX_CLIENT_CONNECTIONS under apps/lb/edge.py's
-EdgeWorker: requests beyond them wait in the accept queue); its per-backend
-in-flight cap (one count for all workers, against the sum of their caps); and
-each backend's thread pool (`backend_threads`: requests beyond it queue, so
-piling all traffic on one backend costs waiting). A backend's answer takes the
-drawn latency; an attempt that waits longer than the read timeout ends as a
-timeout while the backend still works on it.
+Modelled: the health checker (a probe per backend each LB_CHECK_INTERVAL_S);
+`clients` closed-loop clients, like the threaded benchmark's workers; the
+balancer's connection slots (workers x LB_MAX_CLIENT_CONNECTIONS: beyond them,
+the accept queue); one in-flight count for all workers, against the sum of
+their caps; each echo instance (bench/scenario.py: a thread pool with a queue,
+answering after the drawn latency; an attempt that waits longer than the read
+timeout ends as a timeout while the backend still works on it).
 
 Strategies: `round_robin` and `scored` (the balancer's own), and `oracle`
-(bench/scenario.py's Oracle), the yardstick for "how close to perfect".
+(bench/scenario.py), the yardstick for "how close to perfect".
 """
 from __future__ import annotations
 
@@ -42,10 +37,7 @@ import redis
 from apps.config import Backend, load_settings
 from apps.echo import profiles as simulate
 from apps.lb.policy import READ_TIMEOUT, Fault, InFlight, choose, judge_probe, may_retry, may_start
-from bench.scenario import (
-    BASE_SERVICE_S, Oracle, Scenario, SimBackend, SimResult, answer_of, dead_fault, probe_answer,
-)
-from bench.stats import percentile
+from bench.scenario import Oracle, Scenario, SimBackend, SimResult, probe_answer
 from scorer.pool import Outcome, Pool
 
 STRATEGIES = ("round_robin", "scored", "oracle")
@@ -78,8 +70,7 @@ class Simulation:
         """`env` holds LB_* settings to use instead of the defaults (the tuner's knobs)."""
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}")
-        self.scenario = scenario
-        self.strategy = strategy
+        self.scenario, self.strategy = scenario, strategy
         urls = ",".join(f"http://10.0.0.{i + 1}:80" for i in range(scenario.instances))
         overrides = {"LB_BACKENDS": urls,
                      "LB_STRATEGY": "round_robin" if strategy == "round_robin" else "scored",
@@ -133,7 +124,9 @@ class Simulation:
         request_id = self.scenario.id_offset + self.next_id
         self.next_id += 1
         arrived = self.now
-        start = lambda: self.handle(request_id, arrived)  # noqa: E731
+        # As the proxy's, the deadline runs from when a worker takes the request up.
+        start = lambda: self.attempt(Request(  # noqa: E731
+            request_id, arrived, self.now + self.settings.request_timeout))
         if self.balancer_free > 0:
             self.balancer_free -= 1
             start()
@@ -153,9 +146,8 @@ class Simulation:
         self.client_sends()
 
     def health_checks(self) -> None:
-        """The pool's health checker: one probe per backend each interval, answered
-        as the echo app answers /health in the backend's current phase, and judged
-        as apps/lb/health.py judges it."""
+        """One probe per backend each interval, answered as the echo app answers
+        /health in the backend's phase, judged as apps/lb/health.py judges it."""
         if self.next_id >= self.scenario.requests and not any(
                 self.inflight.count(sim.backend) for sim in self.backends):
             return  # the run is over
@@ -168,10 +160,6 @@ class Simulation:
         self.at(self.now + self.settings.check_interval_s, self.health_checks)
 
     # --- one request: attempts and retries, as apps/lb/proxy.py's `forward` ---------
-
-    def handle(self, request_id: int, arrived: float) -> None:
-        # As the proxy's, the deadline runs from when a worker takes the request up.
-        self.attempt(Request(request_id, arrived, self.now + self.settings.request_timeout))
 
     def choose(self, tried: list[Backend]) -> Backend | None:
         """The backend of the next attempt, its in-flight slot taken; None when the
@@ -215,66 +203,24 @@ class Simulation:
             if self.strategy != "oracle":
                 self.pool.report(Outcome(backend, self.now - started, status=status,
                                          error=fault.kind if fault else None))
-            if fault is None and status not in self.settings.retry_on_status:
-                req.failed = status >= 500
-                self.request_done(req, backend)
-                return
-            req.status, req.fault = status, fault
-            if self.may_try_again(req):
-                self.attempt(req)
-                return
+            if fault is not None or status in self.settings.retry_on_status:
+                req.status, req.fault = status, fault
+                if self.may_try_again(req):
+                    self.attempt(req)
+                    return
             req.failed = fault is not None or status >= 500
             self.request_done(req, backend)
 
-        self.serve(sim, draw, conclude)
+        sim.serve(draw, lambda: self.now, self.at, conclude)
         limit = min(self.settings.read_timeout, req.deadline - started)
         self.at(started + limit, lambda: conclude(None, READ_TIMEOUT))
 
-    def serve(self, sim: SimBackend, draw: simulate.Draw,
-              conclude: Callable[[int | None, Fault | None], None]) -> None:
-        """The backend's side of one attempt: refused at once, or served by one of
-        its threads when one is free, answering after the drawn latency."""
-        fault = dead_fault(draw)
-        if fault is not None:
-            self.at(self.now, lambda: conclude(None, fault))
-            return
-
-        def run() -> None:
-            if draw.hang:  # the thread is taken for good; the read timeout ends the attempt
-                return
-
-            def answer() -> None:
-                if sim.queue:  # the thread goes straight to the next queued request
-                    sim.queue.popleft()()
-                else:
-                    sim.free += 1
-                conclude(*answer_of(draw))
-            self.at(self.now + draw.latency_s + BASE_SERVICE_S, answer)
-
-        if sim.free > 0:
-            sim.free -= 1
-            run()
-        else:
-            sim.queue.append(run)
-
     def result(self) -> SimResult:
-        ordered = sorted(self.latencies)
-        if self.strategy == "oracle":
-            blocks = panic = over_cap = 0
-        else:
-            status = self.pool.status()
-            blocks = sum(b["blocks"] for b in status["backends"])
-            panic, over_cap = status["panic_picks"], status["over_cap_picks"]
-        s = self.scenario
-        return SimResult(
-            scenario=s.name, strategy=self.strategy, seed=s.seed, instances=s.instances,
-            id_offset=s.id_offset, requests=s.requests, errors=self.errors,
-            error_rate=self.errors / s.requests,
-            p50_ms=percentile(ordered, 50) * 1000, p90_ms=percentile(ordered, 90) * 1000,
-            p99_ms=percentile(ordered, 99) * 1000, max_ms=ordered[-1] * 1000,
-            virtual_s=self.now, retries=self.retries, blocks=blocks, panic_picks=panic,
-            over_cap_picks=over_cap,
-            shares={b.backend.id: self.shares[b.backend.id] for b in self.backends})
+        return SimResult.of(
+            self.scenario, self.strategy, self.latencies, errors=self.errors,
+            retries=self.retries, virtual_s=self.now,
+            shares={b.backend.id: self.shares[b.backend.id] for b in self.backends},
+            status=None if self.strategy == "oracle" else self.pool.status())
 
 
 def simulate_cell(scenario: Scenario, strategy: str, env: Mapping[str, str] | None = None,
