@@ -36,7 +36,9 @@ import redis
 
 from apps.config import Backend, load_settings
 from apps.echo import profiles as simulate
-from apps.lb.policy import READ_TIMEOUT, Fault, InFlight, choose, judge_probe, may_retry, may_start
+from apps.lb.policy import (
+    READ_TIMEOUT, Fault, InFlight, choose_backend, judge_probe, may_retry, may_start,
+)
 from bench.scenario import Oracle, Scenario, SimBackend, SimResult, probe_answer
 from scorer.pool import Outcome, Pool
 
@@ -97,8 +99,6 @@ class Simulation:
         self.shares: Counter[str] = Counter()
         self.next_id = 0
         self.check_round = 0
-
-    # --- the event loop ----------------------------------------------------------
 
     def at(self, when: float, action: Callable[[], None]) -> None:
         heapq.heappush(self._events, (when, next(self._seq), action))
@@ -162,10 +162,10 @@ class Simulation:
     # --- one request: attempts and retries, as apps/lb/proxy.py's `forward` ---------
 
     def choose(self, tried: list[Backend]) -> Backend | None:
-        """The backend of the next attempt, its in-flight slot taken; None when the
-        pool refused (the oracle ignores the caps, but its requests count)."""
+        """The next attempt's backend, its in-flight slot taken (the oracle ignores
+        the caps, but counts), or None: the pool refused."""
         if self.strategy != "oracle":
-            return choose(self.pool.pick, self.inflight, tried)
+            return choose_backend(self.pool.pick, self.inflight, tried)
         backend = self.oracle.choose(self.now, self.inflight, tried)
         if backend is not None:
             self.inflight.take(backend, over_cap=True)

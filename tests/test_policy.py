@@ -14,7 +14,7 @@ from apps.config import load_settings
 from apps.lb.addresses import AddressRefused
 from apps.lb.policy import (
     BROKEN, CONNECT_REFUSED, CONNECT_TIMEOUT, PICKS_PER_ATTEMPT, READ_TIMEOUT, TLS_HANDSHAKE,
-    Fault, InFlight, choose, judge_probe, may_retry, may_start,
+    Fault, InFlight, choose_backend, judge_probe, may_retry, may_start,
 )
 from apps.lb.upstream import UpstreamError, classify, open_connection
 from bench.scenario import Scenario
@@ -178,15 +178,15 @@ class Picker:
 def test_choose_takes_a_slot_on_the_pick_and_tells_the_pool_what_was_tried():
     inflight = InFlight(cap=1)
     pick = Picker(BACKENDS)
-    assert choose(pick, inflight, []) == BACKENDS[0]
+    assert choose_backend(pick, inflight, []) == BACKENDS[0]
     assert inflight.count(BACKENDS[0]) == 1
-    assert choose(pick, inflight, [BACKENDS[1]]) == BACKENDS[2]
+    assert choose_backend(pick, inflight, [BACKENDS[1]]) == BACKENDS[2]
     assert pick.asked == [("", False), ("bx.", True)]
 
 
 def test_choose_returns_none_when_the_pool_refuses_and_takes_nothing():
     inflight = InFlight(cap=1)
-    assert choose(Picker(BACKENDS, refuse=True), inflight, [BACKENDS[0]]) is None
+    assert choose_backend(Picker(BACKENDS, refuse=True), inflight, [BACKENDS[0]]) is None
     assert [inflight.count(b) for b in BACKENDS] == [0, 0, 0]
 
 
@@ -194,7 +194,7 @@ def test_a_pick_over_every_cap_keeps_its_slot():
     inflight = InFlight(cap=1)
     for backend in BACKENDS:
         inflight.take(backend)
-    assert choose(Picker(BACKENDS), inflight, []) == BACKENDS[0]
+    assert choose_backend(Picker(BACKENDS), inflight, []) == BACKENDS[0]
     assert inflight.count(BACKENDS[0]) == 2
 
 
@@ -207,7 +207,7 @@ def test_a_slot_lost_to_another_thread_sends_the_pick_elsewhere():
             raced.append(inflight.take(picked))
 
     pick = Picker(BACKENDS, before=other_thread)
-    assert choose(pick, inflight, []) == BACKENDS[1]
+    assert choose_backend(pick, inflight, []) == BACKENDS[1]
     assert [inflight.count(b) for b in BACKENDS] == [1, 1, 0]
     assert [made for made, _ in pick.asked] == ["", "b.."]
 
@@ -219,7 +219,7 @@ def test_a_pick_that_keeps_losing_the_race_goes_over_the_cap():
     # slot between that pick's flags and its take.
     ended = lambda: inflight.count(backend) and inflight.release(backend)  # noqa: E731
     pick = Picker([backend], before=inflight.take, on_ask=ended)
-    assert choose(pick, inflight, []) == backend
+    assert choose_backend(pick, inflight, []) == backend
     assert [made for made, _ in pick.asked] == [""] * PICKS_PER_ATTEMPT  # never seen busy
     assert inflight.count(backend) == 2  # the other thread's, and this one's over the cap
 

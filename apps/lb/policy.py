@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from apps.config import Backend
 from scorer.pool import CONNECT, PROTOCOL, TIMEOUT, Outcome
@@ -31,11 +31,11 @@ class Fault:
 # What apps/lb/upstream.py raises for each failure (`open_connection`, `classify`;
 # tests/test_policy.py pins the two together). Whatever fails before the
 # connection is open, TLS handshake included, never reached the backend.
-CONNECT_REFUSED = Fault(CONNECT, delivered=False)    # refused, unreachable, or the address policy
+CONNECT_REFUSED = Fault(CONNECT, delivered=False)  # refused, unreachable, or address policy
 CONNECT_TIMEOUT = Fault(TIMEOUT, delivered=False)
 TLS_HANDSHAKE = Fault(CONNECT, delivered=False)
-READ_TIMEOUT = Fault(TIMEOUT, delivered=True)        # sent; no answer in time
-BROKEN = Fault(PROTOCOL, delivered=True)             # sent; the connection broke or the answer was bad
+READ_TIMEOUT = Fault(TIMEOUT, delivered=True)      # sent; no answer in time
+BROKEN = Fault(PROTOCOL, delivered=True)           # sent; the connection broke, or a bad answer
 
 
 def may_retry(method: str, *, delivered: bool, non_idempotent: bool,
@@ -111,11 +111,17 @@ class InFlight:
 # slot of the backend picked (each pick sees the slot gone, and goes elsewhere).
 PICKS_PER_ATTEMPT = 3
 
-Flags = Callable[[Sequence[Backend]], str]
+
+class Pick(Protocol):
+    """The pool's pick (`scorer.pool.Pool.pick`): `flags` makes pick.lua's flags
+    for the pool's current backends."""
+
+    def __call__(self, flags: Callable[[Sequence[Backend]], str],
+                 retry: bool = False) -> Backend | None: ...
 
 
-def choose(pick: Callable[..., Backend | None], inflight: InFlight,
-           tried: Sequence[Backend]) -> Backend | None:
+def choose_backend(pick: Pick, inflight: InFlight,
+                   tried: Sequence[Backend]) -> Backend | None:
     """Pick a backend with `pick(flags, retry=...)` (the pool's) and take one of
     `inflight`'s slots on it; None when the pool refused (retry budget spent,
     or every backend tried).

@@ -34,7 +34,7 @@ from apps.lb.errors import json_error, register_json_errors
 from apps.lb.forwarded import hop_of
 from apps.lb.health import HealthChecker
 from apps.lb.logs import log_through_gunicorn
-from apps.lb.policy import InFlight, choose, may_retry, may_start
+from apps.lb.policy import InFlight, choose_backend, may_retry, may_start
 from apps.lb.upstream import (
     STREAM_CHUNK, BodyStream, UpstreamError, Upstreams, client_response_headers,
     has_no_body, read_capped, request_target, start_stream, upstream_request_headers,
@@ -172,7 +172,7 @@ class Forwarder:
 
     def choose(self, tried: list[Backend]) -> Backend | None:
         """Pick a backend and take one of this worker's in-flight slots on it."""
-        return choose(self.pool.pick, self.inflight, tried)
+        return choose_backend(self.pool.pick, self.inflight, tried)
 
     def attempt(self, req: Request, backend: Backend, target: str, body: RequestBody,
                 remaining: float, request_id: str = "") -> Response | Failure:
