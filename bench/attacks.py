@@ -44,8 +44,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable, Iterator, Mapping, Sequence
 
-from bench.load import percentile
 from bench.loadgen import read_response, request_bytes
+from bench.stats import percentile
 
 Target = tuple[str, int]
 Sources = str | Sequence[str] | None

@@ -23,19 +23,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import threading
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import requests
 from requests import Session
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
+
+from bench.stats import percentile
 
 ERROR_KINDS = ("4xx", "5xx", "timeout", "connection", "bad_body", "other")
 PERCENTILES = (50, 90, 99)
@@ -86,19 +87,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON document instead of the text report")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar on stderr")
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile: the smallest value with at least q % of values at or below it.
-
-    `sorted_values` must be sorted ascending and non-empty; 0 <= q <= 100.
-    """
-    if not sorted_values:
-        raise ValueError("percentile of no values")
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile {q} is not within 0..100")
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
 
 
 def make_body(request_id: int, payload: int) -> bytes:

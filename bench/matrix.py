@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from bench.sim import Scenario, sim_redis, simulate_cell
+from bench.scenario import Scenario
+from bench.sim import sim_redis, simulate_cell
 
 SUITES = {
     # name: (seeds, instance counts, requests per cell, repeats)

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.sim import Scenario, sim_redis, simulate_cell
+from bench.scenario import Scenario
+from bench.sim import sim_redis, simulate_cell
 from apps.config import TABLE
 
 # The knobs searched, and the values tried for each. In-flight caps, timeouts

@@ -9,40 +9,13 @@ import sys
 import pytest
 
 from bench import load
-from bench.load import LoadResult, Outcome, percentile
+from bench.load import LoadResult, Outcome
 from tests.support import ROOT, assert_shares, start_balancer, start_echo
 
 # The final command line: `python -m bench` with no subcommand runs the load test.
 BENCH = [sys.executable, "-m", "bench"]
 JSON_KEYS = {"url", "requests", "workers", "wall_s", "successes", "errors", "error_rate",
              "throughput_rps", "latency_ms", "shares", "id_offset"}
-
-
-# --- percentile ------------------------------------------------------------------
-
-def test_percentile_is_nearest_rank():
-    values = [15, 20, 35, 40, 50]  # the textbook example
-    assert percentile(values, 5) == 15
-    assert percentile(values, 30) == 20
-    assert percentile(values, 40) == 20
-    assert percentile(values, 50) == 35
-    assert percentile(values, 100) == 50
-
-
-def test_percentile_of_1_to_100_is_the_rank_itself():
-    values = list(range(1, 101))
-    assert [percentile(values, q) for q in (1, 50, 90, 99, 100)] == [1, 50, 90, 99, 100]
-    assert percentile(values, 99.5) == 100  # never interpolates: always a real sample
-
-
-def test_percentile_edges():
-    assert percentile([7.0], 0) == 7.0
-    assert percentile([7.0], 99) == 7.0
-    assert percentile([1, 2], 0) == 1
-    with pytest.raises(ValueError):
-        percentile([], 50)
-    with pytest.raises(ValueError):
-        percentile([1], 101)
 
 
 # --- bodies and classification ---------------------------------------------------

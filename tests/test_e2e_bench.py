@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from bench import load
-from bench.sim import Scenario, simulate_cell
+from bench.scenario import Scenario
+from bench.sim import simulate_cell
 from tests.support import ROOT, start_balancer, start_echo
 
 pytestmark = pytest.mark.e2e

@@ -1,12 +1,11 @@
 """The offline simulator and the matrix's summary maths."""
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from bench.matrix import _closed, _geomean, summarize
-from bench.sim import Scenario, percentile, simulate_cell
+from bench.scenario import Scenario
+from bench.sim import simulate_cell
 
 SMALL = dict(requests=600, clients=20)
 
@@ -60,13 +59,6 @@ def test_the_oracle_avoids_a_known_bad_backend():
     scenario = Scenario(seed=0, instances=3, requests=600, clients=10, faults=((1, 0.9, 0.0),))
     oracle = simulate_cell(scenario, "oracle")
     assert oracle.errors == 0 and oracle.shares["10.0.0.2:80"] == 0
-
-
-def test_percentile_is_nearest_rank():
-    values = list(range(1, 101))
-    assert [percentile(values, q) for q in (1, 50, 99, 100)] == [1, 50, 99, 100]
-    assert percentile([5.0], 99) == 5.0
-    assert math.isnan(percentile([], 50))
 
 
 def row(scenario, strategy, errors, p99, repeat=0):

@@ -118,38 +118,6 @@ def test_connection_tokens_are_case_insensitive():
     assert "x-a" in hop_by_hop([("connection", "X-A")])
 
 
-def test_in_flight_flags_mark_tried_and_busy_backends():
-    from apps.lb.upstream import InFlight
-    backends = load_settings(environ={}).backends
-    inflight = InFlight(cap=2)
-    assert inflight.flags(backends, []) == ""  # all eligible: nothing to say
-    assert inflight.take(backends[1]) and inflight.take(backends[1])
-    assert not inflight.take(backends[1])  # at the cap: no slot, nothing counted
-    assert inflight.flags(backends, []) == ".b."
-    assert inflight.flags(backends, [backends[0]]) == "xb."
-    assert inflight.take(backends[1], over_cap=True)  # every candidate was busy
-    assert inflight.count(backends[1]) == 3
-    inflight.release(backends[1])
-    inflight.release(backends[1])
-    assert inflight.flags(backends, [backends[2]]) == "..x"
-
-
-def test_in_flight_counts_are_the_lb_upstream_inflight_gauge():
-    from prometheus_client import REGISTRY
-
-    from apps.lb.upstream import InFlight
-    backend = load_settings(environ={"LB_BACKENDS": "http://10.9.9.9:9"}).backends[0]
-    gauge = lambda: REGISTRY.get_sample_value("lb_upstream_inflight",  # noqa: E731
-                                              {"backend": backend.id})
-    inflight = InFlight(cap=2)
-    inflight.take(backend)
-    inflight.take(backend)
-    assert gauge() == 2
-    inflight.release(backend)
-    inflight.release(backend)
-    assert gauge() == 0
-
-
 def test_ipv6_backends_keep_their_brackets():
     backend = load_settings(environ={"LB_BACKENDS": "http://[::1]:9001,http://[fe80::1]"}).backends
     assert [b.id for b in backend] == ["[::1]:9001", "[fe80::1]:80"]
@@ -174,8 +142,9 @@ def test_the_balancers_own_response_headers_are_dropped_from_the_backends():
 def test_a_slot_taken_by_another_thread_between_flags_and_pick_sends_the_pick_elsewhere():
     import fakeredis
 
+    from apps.lb.policy import InFlight
     from apps.lb.proxy import Forwarder
-    from apps.lb.upstream import InFlight, Upstreams
+    from apps.lb.upstream import Upstreams
     from scorer.pool import Pool
     settings = load_settings(environ={"LB_BACKENDS": "http://10.9.9.1:80,http://10.9.9.2:80",
                                       "LB_MAX_INFLIGHT": "1", "LB_CHECK_INTERVAL_S": "0"})

@@ -21,6 +21,7 @@ from typing import Callable
 
 import urllib3
 
+from apps.lb.policy import judge_probe
 from apps.lb.upstream import STREAM_CHUNK, UpstreamError, Upstreams, read_capped
 from scorer.pool import Outcome, Pool
 from apps.config import Backend, Settings
@@ -91,7 +92,7 @@ class HealthChecker:
         return held
 
     def probe(self, backend: Backend) -> Outcome:
-        """GET the check path; 2xx and 3xx pass, anything else fails."""
+        """GET the check path, judged by `policy.judge_probe`."""
         started = time.monotonic()
         try:
             response = self.upstreams.send(
@@ -99,10 +100,5 @@ class HealthChecker:
                 None, self.timeout)
             read_capped(response, STREAM_CHUNK)
         except UpstreamError as err:
-            return Outcome(backend, time.monotonic() - started, error=err.kind)
-        latency = time.monotonic() - started
-        if response.status >= 500:
-            return Outcome(backend, latency, status=response.status)
-        if response.status >= 400:
-            return Outcome(backend, latency, error=f"http_{response.status // 100}xx")
-        return Outcome(backend, latency, status=response.status)
+            return judge_probe(backend, time.monotonic() - started, error=err.kind)
+        return judge_probe(backend, time.monotonic() - started, status=response.status)

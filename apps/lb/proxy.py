@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 from dataclasses import dataclass
 
@@ -30,9 +30,10 @@ from apps.lb.frontend import SOURCE, ProxyFlask, refusal, relayed, request_id_of
 from apps.lb.headers import request_target, upstream_request_headers
 from apps.lb.health import HealthChecker
 from apps.lb.logs import log_through_gunicorn
+from apps.lb import metrics
 from apps.lb.observer import Observer, access_logger
-from apps.lb.retry import may_retry
-from apps.lb.upstream import InFlight, UpstreamError, Upstreams
+from apps.lb.policy import InFlight, choose_backend, may_retry, may_start
+from apps.lb.upstream import UpstreamError, Upstreams
 from scorer.members import state_file_for
 from scorer.pool import TIMEOUT, Outcome, Pool
 from apps.config import Backend, Settings, load_settings
@@ -57,9 +58,6 @@ class Failure:
         return str(self.error) if self.error else f"status {self.response.status_code}"
 
 
-# Picks one attempt may make when other threads keep taking the last in-flight
-# slot of the backend picked (each pick sees the slot gone, and goes elsewhere).
-PICKS_PER_ATTEMPT = 3
 
 
 class Forwarder:
@@ -97,9 +95,9 @@ class Forwarder:
         deadline = self.clock() + settings.request_timeout
         tried: list[Backend] = []
         failure: Failure | None = None
-        while len(tried) <= settings.retries:
+        while True:
             remaining = deadline - self.clock()
-            if remaining <= 0:
+            if not may_start(len(tried), settings.retries, remaining):
                 break
             try:
                 backend = self.choose(tried)
@@ -123,27 +121,8 @@ class Forwarder:
         return self.give_up(req, failure, len(tried))
 
     def choose(self, tried: list[Backend]) -> Backend | None:
-        """Pick a backend and take one of this worker's in-flight slots on it.
-
-        The busy flags are read before the pick and the slot is taken after it,
-        so another thread may take the last slot in between: then pick again,
-        with that backend now busy. A pick that went over the cap because every
-        candidate was busy keeps its slot regardless.
-        """
-        busy: set[str] = set()
-
-        def flags(backends: Sequence[Backend]) -> str:
-            made = self.inflight.flags(backends, tried)
-            busy.clear()
-            busy.update(b.id for b, flag in zip(backends, made) if flag == "b")
-            return made
-
-        for _ in range(PICKS_PER_ATTEMPT):
-            backend = self.pool.pick(flags, retry=bool(tried))
-            if backend is None or self.inflight.take(backend, over_cap=backend.id in busy):
-                return backend
-        self.inflight.take(backend, over_cap=True)  # still racing: the cap gives way
-        return backend
+        """Pick a backend and take one of this worker's in-flight slots on it."""
+        return choose_backend(self.pool.pick, self.inflight, tried)
 
     def attempt(self, req: Request, backend: Backend, target: str, body: RequestBody,
                 remaining: float, request_id: str = "") -> Response | Failure:
@@ -218,8 +197,8 @@ def create_app(config: Mapping[str, Any] | None = None, *, pool: Pool | None = N
         # below its in-flight cap (a pick over the cap opens one more, not kept).
         upstreams = Upstreams(settings, maxsize=settings.max_inflight)
     observer = Observer(pool, access_logger(settings.access_log), clock)
-    forwarder = Forwarder(settings, pool, upstreams, InFlight(settings.max_inflight),
-                          observer=observer, clock=clock)
+    inflight = InFlight(settings.max_inflight, gauge=metrics.INFLIGHT)
+    forwarder = Forwarder(settings, pool, upstreams, inflight, observer=observer, clock=clock)
     app.extensions["lb.forwarder"] = forwarder
     if settings.check_interval_s > 0:
         checker = HealthChecker(settings, pool, clock=clock)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import http.client
 import threading
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import urllib3
 from urllib3.connection import HTTPConnection
@@ -25,7 +25,6 @@ from urllib3.exceptions import (
 from urllib3.util import SKIP_HEADER
 from urllib3.util.ssl_match_hostname import CertificateError
 
-from apps.lb import metrics
 from apps.lb.addresses import AddressPolicy, AddressRefused, guarded_connections
 from scorer.pool import CONNECT, PROTOCOL, TIMEOUT
 from apps.config import Backend, Settings
@@ -181,43 +180,3 @@ def discard(response: urllib3.BaseHTTPResponse) -> None:
     response.close()
     response.release_conn()
 
-
-class InFlight:
-    """Requests this worker has under way to each backend, against a cap.
-
-    Per process, as HAProxy's `maxconn` is per process: the cap exists so that
-    one hanging backend cannot hold every thread of a worker.
-    """
-
-    def __init__(self, cap: int) -> None:
-        self._cap = cap
-        self._counts: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def take(self, backend: Backend, over_cap: bool = False) -> bool:
-        """Take a slot: False, and none taken, when the backend is at its cap
-        (unless `over_cap`). Checked and counted as one step."""
-        with self._lock:
-            count = self._counts.get(backend.id, 0)
-            if count >= self._cap and not over_cap:
-                return False
-            self._counts[backend.id] = count + 1
-        metrics.INFLIGHT.labels(backend.id).inc()
-        return True
-
-    def release(self, backend: Backend) -> None:
-        with self._lock:
-            self._counts[backend.id] -= 1
-        metrics.INFLIGHT.labels(backend.id).dec()
-
-    def count(self, backend: Backend) -> int:
-        return self._counts.get(backend.id, 0)
-
-    def flags(self, backends: Sequence[Backend], tried: Iterable[Backend]) -> str:
-        """pick.lua's flags for `backends` (the pool's current order): 'x' tried by
-        this request, 'b' at the cap, '.' eligible."""
-        tried_ids = {b.id for b in tried}
-        flags = "".join("x" if b.id in tried_ids else
-                        "b" if self._counts.get(b.id, 0) >= self._cap else "."
-                        for b in backends)
-        return "" if flags.count(".") == len(flags) else flags

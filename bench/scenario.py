@@ -1,0 +1,206 @@
+"""What the simulator (bench/sim.py) runs and what it yields: a scenario, the echo
+instances it models, the oracle's choice, and the result of one run."""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
+
+from apps.config import Backend
+from apps.echo import profiles as simulate
+from apps.lb.policy import BROKEN, CONNECT_REFUSED, READ_TIMEOUT, Fault, InFlight
+from bench.stats import percentile
+
+# Time a backend spends on a request on top of its drawn latency (an echo's CPU).
+BASE_SERVICE_S = 0.0005
+# The oracle's price of an error, in seconds of latency: an error is worth
+# avoiding at the cost of up to this much extra waiting.
+ORACLE_ERROR_COST_S = 1.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One cell of the matrix, before choosing a strategy."""
+
+    seed: int
+    instances: int
+    requests: int = 5000
+    clients: int = 100             # the benchmark's workers
+    balancer_slots: int = 2000     # requests served at once: workers x LB_MAX_CLIENT_CONNECTIONS
+    balancer_workers: int = 2      # the in-flight cap is per worker
+    backend_threads: int = 64      # each echo instance's threads (the Procfile's)
+    id_offset: int = 0
+    method: str = "POST"
+    # Known faults instead of the seeded profile: (instance, error_rate, mean_latency_ms),
+    # as ECHO_ERROR_RATE and ECHO_MEAN_LATENCY_MS give an echo instance.
+    faults: tuple[tuple[int, float, float], ...] = ()
+    # Named time-varying profiles instead of the seeded ones: (instance, spec), as
+    # ECHO_PROFILE gives an echo instance, e.g. (0, "dead:start=2").
+    specs: tuple[tuple[int, str], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"seed{self.seed}-n{self.instances}"
+
+    def profile(self, instance: int) -> simulate.Profile:
+        profile = simulate.profile_for(self.seed, instance)
+        for index, spec in self.specs:
+            if index == instance:
+                profile = simulate.with_spec(profile, spec)
+        for index, error_rate, mean_latency_ms in self.faults:
+            if index == instance:
+                profile = replace(profile, error_rate=error_rate,
+                                  mean_latency_ms=mean_latency_ms)
+        return profile
+
+
+@dataclass
+class SimResult:
+    """What the clients saw, and what the pool did."""
+
+    scenario: str
+    strategy: str
+    seed: int
+    instances: int
+    id_offset: int
+    requests: int
+    errors: int
+    error_rate: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    virtual_s: float
+    retries: int
+    blocks: int
+    panic_picks: int
+    over_cap_picks: int
+    shares: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, s: Scenario, strategy: str, latencies: Sequence[float], *, errors: int,
+           retries: int, virtual_s: float, shares: dict[str, int],
+           status: Mapping[str, Any] | None) -> SimResult:
+        """A run's result from what it counted; `status` is the pool's (None for the
+        oracle, which uses no pool)."""
+        ordered = sorted(latencies)
+        return cls(
+            scenario=s.name, strategy=strategy, seed=s.seed, instances=s.instances,
+            id_offset=s.id_offset, requests=s.requests, errors=errors,
+            error_rate=errors / s.requests,
+            p50_ms=percentile(ordered, 50) * 1000, p90_ms=percentile(ordered, 90) * 1000,
+            p99_ms=percentile(ordered, 99) * 1000, max_ms=ordered[-1] * 1000,
+            virtual_s=virtual_s, retries=retries,
+            blocks=sum(b["blocks"] for b in status["backends"]) if status else 0,
+            panic_picks=status["panic_picks"] if status else 0,
+            over_cap_picks=status["over_cap_picks"] if status else 0, shares=shares)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dead_fault(draw: simulate.Draw) -> Fault | None:
+    """What the balancer meets at once on connecting: a closed port refuses."""
+    return CONNECT_REFUSED if draw.dead else None
+
+
+def answer_of(draw: simulate.Draw, health: bool = False) -> tuple[int | None, Fault | None]:
+    """What the balancer gets once an answered draw's latency has passed: a status,
+    or the fault a dropped connection is (a failure is a 503 on /health, as the
+    echo app answers it)."""
+    if draw.reset:
+        return None, BROKEN
+    if draw.fail:
+        return (503 if health else 500), None
+    return 200, None
+
+
+def probe_answer(draw: simulate.Draw, timeout_s: float
+                 ) -> tuple[float, int | None, Fault | None]:
+    """A health probe's latency, status and fault, given its draw."""
+    fault = dead_fault(draw)
+    if fault is not None:
+        return 0.0, None, fault
+    if draw.hang or draw.latency_s > timeout_s:
+        return timeout_s, None, READ_TIMEOUT
+    return (draw.latency_s, *answer_of(draw, health=True))
+
+
+class SimBackend:
+    """An echo instance: a fixed profile and a pool of threads with a FIFO queue."""
+
+    def __init__(self, backend: Backend, profile: simulate.Profile, threads: int) -> None:
+        self.backend = backend
+        self.profile = profile
+        self.free = threads
+        self.queue: deque[Callable[[], None]] = deque()
+
+    def expected_cost(self, now: float, inflight: int, threads: int) -> float:
+        """The oracle's price of sending one more request here now."""
+        phase = simulate.phase_at(self.profile, now)
+        if phase.state in ("dead", "hanging"):
+            return math.inf
+        mean_s = phase.mean_latency_ms / 1000 + BASE_SERVICE_S
+        waiting = max(0, inflight + 1 - threads)
+        failure = max(phase.error_rate, phase.reset_rate)
+        return failure * ORACLE_ERROR_COST_S + mean_s + waiting * mean_s / threads
+
+    def serve(self, draw: simulate.Draw, clock: Callable[[], float],
+              at: Callable[[float, Callable[[], None]], None],
+              conclude: Callable[[int | None, Fault | None], None]) -> None:
+        """The backend's side of one attempt, on the simulation's clock and event
+        queue (`at`): refused at once, or served by one of its threads when one is
+        free, answering after the drawn latency (a hung thread never answers)."""
+        fault = dead_fault(draw)
+        if fault is not None:
+            at(clock(), lambda: conclude(None, fault))
+            return
+
+        def run() -> None:
+            if draw.hang:  # the thread is taken for good; the read timeout ends the attempt
+                return
+
+            def answer() -> None:
+                if self.queue:  # the thread goes straight to the next queued request
+                    self.queue.popleft()()
+                else:
+                    self.free += 1
+                conclude(*answer_of(draw))
+            at(clock() + draw.latency_s + BASE_SERVICE_S, answer)
+
+        if self.free > 0:
+            self.free -= 1
+            run()
+        else:
+            self.queue.append(run)
+
+
+class Oracle:
+    """Knows every profile: sends each request to the backend with the lowest
+    expected cost given its error probability, its mean latency and the queue
+    it would join. The yardstick for "how close to perfect"."""
+
+    def __init__(self, backends: Sequence[SimBackend], threads: int) -> None:
+        self.backends = backends
+        self.threads = threads
+        self.rotation = 0
+
+    def choose(self, now: float, inflight: InFlight, tried: Sequence[Backend]) -> Backend | None:
+        tried_ids = {b.id for b in tried}
+        best, best_cost = None, math.inf
+        n = len(self.backends)
+        # Knowing every phase, the oracle never picks a dead or hung backend
+        # while another will do; with none left it picks one anyway.
+        for step in range(n):  # rotating the start breaks ties fairly
+            sim = self.backends[(self.rotation + step) % n]
+            if sim.backend.id in tried_ids:
+                continue
+            cost = sim.expected_cost(now, inflight.count(sim.backend), self.threads)
+            if cost < best_cost - 1e-12:
+                best, best_cost = sim, cost
+        self.rotation += 1
+        if best is None:
+            untried = [b for b in self.backends if b.backend.id not in tried_ids]
+            best = untried[0] if untried else None
+        return best.backend if best else None
