@@ -53,7 +53,8 @@ class Connections:
     def __init__(self, selector: selectors.BaseSelector, clock: Callable[[], float], *,
                  header_timeout: float, body_timeout: float, send_timeout: float,
                  max_body: int, dispatch: Callable[[Connection], None]) -> None:
-        self.selector, self.clock, self.max_body, self.dispatch = selector, clock, max_body, dispatch
+        self.selector, self.clock = selector, clock
+        self.max_body, self.dispatch = max_body, dispatch
         self.header_timeout, self.body_timeout = header_timeout, body_timeout
         self.send_timeout = send_timeout
         self._open: dict[Connection, None] = {}
