@@ -6,7 +6,9 @@ import logging
 import fakeredis
 import pytest
 
-from apps.lb.admin import MAX_BODY, create_app, nested_deeper, redacted
+from apps.lb.admin import MAX_BODY, create_app
+from apps.lb.admininput import nested_deeper
+from apps.lb.adminstatus import redacted
 from scorer.pool import Outcome, Pool
 from apps.config import load_settings
 

@@ -16,7 +16,9 @@ import pytest
 from flask import Flask, jsonify, request
 
 from apps.lb.admin import MAX_BODY, create_app
-from apps.lb.adminserver import HANDLERS, MAX_HEAD, AdminServer, Refusal, parse_head
+from apps.lb.adminconnections import MAX_HEAD
+from apps.lb.adminhttp import Refusal, parse_head
+from apps.lb.adminserver import HANDLERS, AdminServer
 from scorer.pool import Pool
 from apps.config import load_settings
 from tests.support import wait_for

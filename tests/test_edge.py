@@ -1,13 +1,13 @@
-"""The client side's deadlines and caps (apps/lb/edge.py), on fake sockets and a moved clock."""
+"""The client side's deadlines and caps (apps/lb/clientsocket.py, apps/lb/clientcaps.py),
+on fake sockets and a moved clock."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
 
-from apps.lb.edge import (
-    BUSY_ANSWER, HEAD, HEAD_TIMEOUT_ANSWER, IDLE, REQUEST, ClientConnections, ClientSocket,
-)
+from apps.lb.clientcaps import BUSY_ANSWER, ClientConnections
+from apps.lb.clientsocket import HEAD, HEAD_TIMEOUT_ANSWER, IDLE, REQUEST, ClientSocket
 
 LIMITS = SimpleNamespace(client_header_timeout=10.0, client_body_timeout=10.0,
                          client_body_min_rate=1024, client_body_grace_s=5.0,
@@ -166,7 +166,7 @@ def test_busy_connections_are_never_evicted_and_a_newcomer_then_gets_503():
 
 
 def test_a_slow_head_makes_room_when_nothing_is_idle(monkeypatch):
-    monkeypatch.setattr("apps.lb.edge.time.monotonic", lambda: 100.0)
+    monkeypatch.setattr("apps.lb.clientcaps.time.monotonic", lambda: 100.0)
     pool = connections(cap=1)
     slow = conn_from("a", phase=HEAD, since=90.0)  # 10 s into its head
     assert pool.admit(slow) and pool.admit(conn_from("b"))

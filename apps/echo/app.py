@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import errno
+import functools
 import itertools
 import json
 import os
@@ -150,6 +151,15 @@ def close_listeners(worker: Any) -> None:
     print("echo: port closed (profile `dead`)", flush=True)
 
 
+def on_worker_init(faults: Faults, worker: Any) -> None:
+    """Called by gunicorn_conf's post_worker_init: schedule a `dead` profile's end."""
+    if faults.profile.kind == "dead":
+        delay = max(0.0, faults.profile.start_s - faults.elapsed())
+        timer = threading.Timer(delay, close_listeners, args=(worker,))
+        timer.daemon = True
+        timer.start()
+
+
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build one echo instance. `config` overrides the environment; it may also
     hold `sleep` and `clock`, used for simulated latency and elapsed time (tests
@@ -168,25 +178,22 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     faults = Faults(app.wsgi_app, profile, name, clock, sleep)
     app.wsgi_app = faults  # type: ignore[method-assign]
     print(f"{name}: profile {json.dumps(dataclasses.asdict(profile))}", flush=True)
+    app.extensions["echo.on_worker_init"] = functools.partial(on_worker_init, faults)
+    register_routes(app, faults, max_body)
+    return app
 
-    def on_worker_init(worker: Any) -> None:
-        """Called by gunicorn_conf's post_worker_init: schedule a `dead` profile's end."""
-        if profile.kind == "dead":
-            delay = max(0.0, profile.start_s - faults.elapsed())
-            timer = threading.Timer(delay, close_listeners, args=(worker,))
-            timer.daemon = True
-            timer.start()
 
-    app.extensions["echo.on_worker_init"] = on_worker_init
-
+def register_routes(app: Flask, faults: Faults, max_body: int) -> None:
+    """/health and /profile tell the instance's state; /bytes/<n> and every POST, PUT
+    and PATCH echo."""
     @app.get("/health")
     def health() -> Response:
-        return jsonify(instance=name, state=faults.state())
+        return jsonify(instance=faults.name, state=faults.state())
 
     @app.get("/profile")
     def show_profile() -> Response:
-        return jsonify(id=name, state=faults.state(), elapsed_s=faults.elapsed(),
-                       health_probes=list(faults.probes), **dataclasses.asdict(profile))
+        return jsonify(id=faults.name, state=faults.state(), elapsed_s=faults.elapsed(),
+                       health_probes=list(faults.probes), **dataclasses.asdict(faults.profile))
 
     @app.get("/bytes/<int:count>")
     def some_bytes(count: int) -> Response:
@@ -212,5 +219,3 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             return json_error(400, f"malformed JSON: {exc}")
         # The exact bytes go back: re-serialising could reorder or reformat them.
         return Response(body, status=200, mimetype="application/json")
-
-    return app
