@@ -38,7 +38,7 @@ def hop_of(environ: Mapping[str, object], trusted: tuple[Network, ...]) -> Hop:
     peer = str(environ.get("REMOTE_ADDR") or "")
     # Not wsgi.url_scheme: Gunicorn takes that from a trusted peer's X-Forwarded-Proto.
     sock = environ.get("gunicorn.socket")
-    sock = getattr(sock, "raw", sock)  # apps/lb/edge.py's ClientSocket wraps the real one
+    sock = getattr(sock, "raw", sock)  # apps/lb/clientsocket.py's ClientSocket wraps the real one
     scheme = "https" if isinstance(sock, ssl.SSLSocket) else "http"
     return Hop(peer, scheme, str(environ.get("SERVER_PORT", "")),
                bool(trusted) and address_in(peer, trusted))
