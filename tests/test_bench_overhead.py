@@ -11,7 +11,7 @@ import pytest
 
 from bench.overhead.measuring import Row, Sample, group_cpu_s
 from bench.overhead.profiling import layer_of
-from bench.overhead.report import ratios
+from bench.overhead.reporting import ratios
 from tests.support import ROOT
 
 needs_cc = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")),

@@ -32,7 +32,7 @@ connection unless `keepalive`; it records the status and latency of each.
 
 The parts: connection.py (the Tally, reading a status), slow.py, unread.py and
 kinds.py (the kinds by family), holding.py (keeping the connections up),
-probe.py, background.py. Each setting lives in its module and is read at each
+probing.py, background.py. Each setting lives in its module and is read at each
 connection, so set it there (slow.TRICKLE_INTERVAL_S, unread.NEVER_READ_BODY,
 holding.PAUSE_S).
 """
@@ -45,7 +45,7 @@ from bench.attacks.holding import (
     slow_body_small, slowloris,
 )
 from bench.attacks.kinds import KINDS, Kind
-from bench.attacks.probe import ProbeResult, probe, summary
+from bench.attacks.probing import ProbeResult, probe, summary
 
 __all__ = ["Background", "KINDS", "Kind", "ProbeResult", "Sources", "Tally", "Target",
            "addresses", "attack", "endless_chunked", "hold", "idle", "never_read", "probe",

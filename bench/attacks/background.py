@@ -7,7 +7,7 @@ from typing import Any, Awaitable, Callable, Mapping
 
 from bench.attacks.connection import Sources, Tally, Target
 from bench.attacks.holding import hold, raise_fd_limit
-from bench.attacks.probe import ProbeResult, probe
+from bench.attacks.probing import ProbeResult, probe
 
 
 class Background:

@@ -23,7 +23,7 @@ it is on PATH, else bench/loadgen/; the report says which, and checks that
 the client drove at least 3x the balancer's throughput (the "direct" row).
 
 The parts: servers.py (starting the rows), measuring.py (CPU and a Sample per
-round), report.py (the table, the ratios, the targets), profiling.py (where a
+round), reporting.py (the table, the ratios, the targets), profiling.py (where a
 request's time goes).
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 from bench import loadgen
 from bench.overhead.measuring import drive, measure
 from bench.overhead.profiling import breakdown, profile
-from bench.overhead.report import RESULTS, report
+from bench.overhead.reporting import RESULTS, report
 from bench.overhead.servers import gunicorn_shape, start_rows
 from apps.launch.stack import ROOT, Proc, start_redis
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench.overhead.measuring import Row
-from bench.overhead.report import RESULTS
+from bench.overhead.reporting import RESULTS
 from apps.launch.stack import ROOT
 
 
