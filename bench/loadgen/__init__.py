@@ -1,4 +1,4 @@
-"""HTTP load generators for bench/overhead.py: our own (`run`), and wrk (`run_wrk`).
+"""HTTP load generators for bench/overhead/: our own (`run`), and wrk (`run_wrk`).
 
 `run` is for machines without wrk. Several processes (one GIL each) run an
 asyncio loop apiece, and each of their connections is a keep-alive HTTP/1.1
