@@ -1,4 +1,4 @@
-"""Build and start bench/zero_backend.c, the zero-latency backend of bench/overhead.py.
+"""Build and start bench/zero_backend.c, the zero-latency backend of bench/overhead/.
 
 The binary is cached in bench/results/bin/ (git-ignored) under a name carrying a
 hash of the source, so editing the C file rebuilds it and nothing else does.

@@ -1,4 +1,4 @@
-"""bench/attacks.py and bench/slowclients.py: each attack kind against a small server
+"""bench/attacks/ and bench/slowclients.py: each attack kind against a small server
 in this process that does what a balancer might (answer 408, reset, close at once),
 the probe against an echo of its own, and one short run of the benchmark."""
 from __future__ import annotations
@@ -14,7 +14,8 @@ import sys
 import pytest
 
 from bench import attacks, slowclients
-from bench.attacks import ProbeResult, backoff, start_attack, start_probe, summary
+from bench.attacks import ProbeResult, holding, slow, start_attack, start_probe, summary, unread
+from bench.attacks.holding import backoff
 from bench.loadgen import read_response
 from tests.support import ROOT, SocketServer, wait_for
 
@@ -22,9 +23,9 @@ from tests.support import ROOT, SocketServer, wait_for
 @pytest.fixture
 def quick(monkeypatch):
     """Attackers that trickle every 10-20 ms, not every 1-2 s."""
-    monkeypatch.setattr(attacks, "SLOWLORIS_INTERVAL_S", 0.01)
-    monkeypatch.setattr(attacks, "TRICKLE_INTERVAL_S", 0.02)
-    monkeypatch.setattr(attacks, "PAUSE_S", 0.05)
+    monkeypatch.setattr(slow, "SLOWLORIS_INTERVAL_S", 0.01)
+    monkeypatch.setattr(slow, "TRICKLE_INTERVAL_S", 0.02)
+    monkeypatch.setattr(holding, "PAUSE_S", 0.05)
 
 
 class Recorder(SocketServer):
@@ -117,7 +118,7 @@ def test_never_read_reads_nothing_yet_sees_the_status_and_the_reset(quick):
 
     class Big(Recorder):
         def answer(self, conn, data):
-            if not data.startswith(b"GET /bytes/%d " % attacks.NEVER_READ_BODY) or \
+            if not data.startswith(b"GET /bytes/%d " % unread.NEVER_READ_BODY) or \
                     b"\r\n\r\n" not in data:
                 return False
             conn.settimeout(0.5)
@@ -137,7 +138,7 @@ def test_never_read_reads_nothing_yet_sees_the_status_and_the_reset(quick):
     assert written and all(sent < answer for sent in written)
     assert tally.statuses[200] >= 1
     assert server.received[0] == b"GET /bytes/%d HTTP/1.1\r\nHost: lb\r\n\r\n" % \
-        attacks.NEVER_READ_BODY
+        unread.NEVER_READ_BODY
 
 
 def test_idle_sends_nothing_and_comes_back_when_closed(quick):
@@ -157,10 +158,10 @@ def test_idle_sends_nothing_and_comes_back_when_closed(quick):
 
 
 def test_backoff_waits_longer_while_connections_die_young():
-    assert backoff(0.5, 10.0) == (0.0, attacks.PAUSE_S)       # lived: back at once
+    assert backoff(0.5, 10.0) == (0.0, holding.PAUSE_S)       # lived: back at once
     assert backoff(0.5, 0.1) == (0.5, 1.0)
     assert backoff(0.5, None) == (0.5, 1.0)                   # never connected
-    assert backoff(attacks.MAX_PAUSE_S, 0.0) == (attacks.MAX_PAUSE_S, attacks.MAX_PAUSE_S)
+    assert backoff(holding.MAX_PAUSE_S, 0.0) == (holding.MAX_PAUSE_S, holding.MAX_PAUSE_S)
 
 
 class Echo(SocketServer):

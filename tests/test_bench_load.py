@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bench import load
-from bench.load import LoadResult, Outcome
+from bench.load_result import ERROR_KINDS, LoadResult, Outcome
 from tests.support import ROOT, assert_shares, start_balancer, start_echo
 
 # The final command line: `python -m bench` with no subcommand runs the load test.
@@ -92,7 +92,7 @@ def test_to_dict_has_the_stable_keys_and_is_json():
     assert JSON_KEYS <= document.keys()
     assert document["id_offset"] == 100
     assert set(document["latency_ms"]) == {"p50", "p90", "p99", "max"}
-    assert set(document["errors"]) == set(load.ERROR_KINDS)
+    assert set(document["errors"]) == set(ERROR_KINDS)
 
 
 def test_report_states_what_was_measured():
@@ -102,7 +102,7 @@ def test_report_states_what_was_measured():
     assert "2.000 s" in text
     assert "all 10 answered requests" in text
     assert "ReadTimeout: slow" in text
-    for kind in load.ERROR_KINDS:
+    for kind in ERROR_KINDS:
         assert kind in text
     assert "75.0%" in text and "a:1" in text
 
@@ -170,7 +170,7 @@ def test_python_m_bench_through_the_balancer(redis_server, tmp_path):
     assert document["url"] == url
     assert (document["requests"], document["workers"], document["id_offset"]) == (60, 10, 0)
     assert document["successes"] == 60
-    assert document["errors"] == {kind: 0 for kind in load.ERROR_KINDS}
+    assert document["errors"] == {kind: 0 for kind in ERROR_KINDS}
     assert document["error_rate"] == 0
     assert document["wall_s"] > 0 and document["throughput_rps"] > 0
     latency = document["latency_ms"]

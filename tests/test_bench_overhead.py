@@ -1,4 +1,4 @@
-"""The overhead benchmark (bench/overhead.py): its pieces offline, then one short real run."""
+"""The overhead benchmark (bench/overhead/): its pieces offline, then one short real run."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from bench.overhead import Row, Sample, group_cpu_s, layer_of, ratios
+from bench.overhead.measuring import Row, Sample, group_cpu_s
+from bench.overhead.profiling import layer_of
+from bench.overhead.reporting import ratios
 from tests.support import ROOT
 
 needs_cc = pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")),

@@ -1,7 +1,7 @@
 """No slow, idle or crowded client takes the balancer down (issue 13).
 
 A real balancer (2 workers, short client deadlines) over 3 echo instances;
-the attacker and the probe of bench/attacks.py run on threads of this
+the attacker and the probe of bench/attacks/ run on threads of this
 process, the attacker from addresses of its own (127.0.<n>.x), the probe
 from 127.0.0.1. Under the old gthread worker every one of these failed: the
 probe got no answer at all beside any of the mixes.
@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from bench import attacks
-from bench.attacks import ProbeResult, Tally, raise_fd_limit, start_attack, start_probe
+from bench.attacks import ProbeResult, Tally, raise_fd_limit, start_attack, start_probe, unread
 from bench.slowclients import COUNTS, sources_of
 from apps.launch.stack import usage_of
 from tests.support import (
@@ -32,7 +31,7 @@ def smaller_unread_answers(monkeypatch):
     # take seconds of CPU to move, and the probe then measures that, not whether
     # a client that never reads can hold anything (python -m bench slowclients
     # reports the 4 MB case).
-    monkeypatch.setattr(attacks, "NEVER_READ_BODY", 1_000_000)
+    monkeypatch.setattr(unread, "NEVER_READ_BODY", 1_000_000)
 
 
 DEADLINE_S = 2

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.matrix import _closed, _geomean, summarize
+from bench.matrix_report import _closed, _geomean, summarize
 from bench.scenario import Scenario
 from bench.sim import simulate_cell
 

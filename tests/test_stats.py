@@ -1,4 +1,4 @@
-"""The benchmarks' one percentile (bench/stats.py): bench/load.py, bench/attacks.py and the
+"""The benchmarks' one percentile (bench/stats.py): bench/load.py, bench/attacks/ and the
 simulator all use it."""
 from __future__ import annotations
 

@@ -1,0 +1,213 @@
+"""The matrix's summary and outputs: per-scenario means and noise, the gap each strategy
+closes, where scored is worse than round_robin; results.csv, summary.json, chart.png and
+the printed table."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Iterable
+
+
+# --- summary: the targets -------------------------------------------------------
+
+def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Per-scenario means and noise, the gap each strategy closes, and where
+    `scored` is worse than `round_robin` beyond run-to-run noise."""
+    by_cell: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        by_cell.setdefault((row["scenario"], row["strategy"]), []).append(row)
+    scenarios = sorted({s for s, _ in by_cell}, key=_scenario_order)
+    strategies = sorted({t for _, t in by_cell})
+    per_scenario = {}
+    for scenario in scenarios:
+        per_scenario[scenario] = {}
+        for strategy in strategies:
+            cell = by_cell.get((scenario, strategy), [])
+            if cell:
+                per_scenario[scenario][strategy] = _cell_stats(cell)
+    totals = {}
+    for strategy in strategies:
+        cells = [per_scenario[s][strategy] for s in scenarios if strategy in per_scenario[s]]
+        totals[strategy] = {
+            "errors": sum(c["errors"] for c in cells),
+            "p99_geomean_ms": _geomean(c["p99_ms"] for c in cells),
+        }
+    summary: dict[str, Any] = {"per_scenario": per_scenario, "totals": totals}
+    if {"round_robin", "scored", "oracle"} <= set(totals):
+        rr, sc, orc = totals["round_robin"], totals["scored"], totals["oracle"]
+        summary["gap_closed"] = {
+            "errors": _closed(rr["errors"], sc["errors"], orc["errors"]),
+            "p99_geomean": _closed(rr["p99_geomean_ms"], sc["p99_geomean_ms"],
+                                   orc["p99_geomean_ms"]),
+        }
+    if {"round_robin", "scored"} <= set(strategies):
+        summary["scored_worse"] = [
+            {"scenario": s, **worse}
+            for s in scenarios for worse in _worse(per_scenario[s])]
+        summary["scored_worse_objective"] = [
+            {"scenario": s, **worse} for s in scenarios
+            for worse in _worse_objective(by_cell.get((s, "round_robin"), []),
+                                          by_cell.get((s, "scored"), []))]
+    return summary
+
+
+def _worse_objective(rr: list[dict[str, Any]], sc: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Whether scored is worse on the tuner's objective (error rate + 0.5 x p99 /
+    round_robin's p99), comparing runs with the same request ids pairwise."""
+    rr_by, sc_by = {r["repeat"]: r for r in rr}, {r["repeat"]: r for r in sc}
+    diffs = []
+    for repeat in sorted(set(rr_by) & set(sc_by)):
+        base, cand = rr_by[repeat], sc_by[repeat]
+        diffs.append(cand["error_rate"] - base["error_rate"]
+                     + 0.5 * (cand["p99_ms"] - base["p99_ms"]) / max(base["p99_ms"], 1e-9))
+    if not diffs:
+        return []
+    mean = statistics.fmean(diffs)
+    noise = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    if mean > 0 and mean > 2 * noise:
+        return [{"metric": "objective", "difference": mean, "noise": noise}]
+    return []
+
+
+def _cell_stats(cell: list[dict[str, Any]]) -> dict[str, float]:
+    rates = [r["error_rate"] for r in cell]
+    p99s = [r["p99_ms"] for r in cell]
+    return {
+        "runs": len(cell),
+        "errors": statistics.fmean(r["errors"] for r in cell),
+        "error_rate": statistics.fmean(rates),
+        "error_rate_sd": statistics.stdev(rates) if len(cell) > 1 else math.nan,
+        "p99_ms": statistics.fmean(p99s),
+        "p99_sd": statistics.stdev(p99s) if len(cell) > 1 else math.nan,
+        "blocks": statistics.fmean(r["blocks"] for r in cell),
+    }
+
+
+def _worse(stats: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Metrics on which scored is worse than round_robin by more than twice the
+    noise of the difference (repeats' standard deviations)."""
+    rr, sc = stats.get("round_robin"), stats.get("scored")
+    if not rr or not sc:
+        return []
+    found = []
+    for metric, sd in (("error_rate", "error_rate_sd"), ("p99_ms", "p99_sd")):
+        diff = sc[metric] - rr[metric]
+        noise = math.sqrt((rr[sd] ** 2) / rr["runs"] + (sc[sd] ** 2) / sc["runs"])
+        if math.isnan(noise):
+            noise = 0.0
+        if diff > 2 * noise and diff > 0:
+            found.append({"metric": metric, "round_robin": rr[metric], "scored": sc[metric],
+                          "difference": diff, "noise": noise})
+    return found
+
+
+def _closed(baseline: float, candidate: float, best: float) -> float | None:
+    """Share of the gap between baseline and best that candidate closes."""
+    if baseline == best:
+        return None
+    return (baseline - candidate) / (baseline - best)
+
+
+def _geomean(values: Iterable[float]) -> float:
+    values = [max(v, 1e-9) for v in values]
+    return math.exp(statistics.fmean(math.log(v) for v in values)) if values else math.nan
+
+
+def _scenario_order(name: str) -> tuple[int, int]:
+    seed, instances = name.removeprefix("seed").split("-n")
+    return int(instances), int(seed)
+
+
+# --- outputs --------------------------------------------------------------------
+
+def write_outputs(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> None:
+    fields = ["scenario", "strategy", "seed", "instances", "repeat", "id_offset", "requests",
+              "errors", "error_rate", "p50_ms", "p90_ms", "p99_ms", "max_ms", "blocks",
+              "panic_picks", "over_cap_picks", "retries", "virtual_s"]
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_nan_to_none))
+    draw_chart(summary, out / "chart.png")
+
+
+def _nan_to_none(value: Any) -> Any:
+    return None
+
+
+def draw_chart(summary: dict[str, Any], path: Path) -> None:
+    """Error rate and p99 per scenario: strategies side by side, the oracle as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per = summary["per_scenario"]
+    scenarios = list(per)
+    bars = [s for s in ("round_robin", "scored") if any(s in per[x] for x in scenarios)]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, len(scenarios) * 0.7), 8), sharex=True)
+    width = 0.8 / max(1, len(bars))
+    xs = range(len(scenarios))
+    for ax, metric, label in ((axes[0], "error_rate", "error rate"),
+                              (axes[1], "p99_ms", "p99 latency (ms)")):
+        for i, strategy in enumerate(bars):
+            values = [per[s].get(strategy, {}).get(metric, math.nan) for s in scenarios]
+            ax.bar([x + (i - (len(bars) - 1) / 2) * width for x in xs], values, width,
+                   label=strategy)
+        if any("oracle" in per[s] for s in scenarios):
+            ax.plot(list(xs), [per[s].get("oracle", {}).get(metric, math.nan)
+                               for s in scenarios], "k.-", label="oracle")
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    axes[1].set_xticks(list(xs))
+    axes[1].set_xticklabels(scenarios, rotation=45, ha="right")
+    fig.suptitle("round_robin vs scored per scenario (oracle: the yardstick)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    per = summary["per_scenario"]
+    strategies = [s for s in ("round_robin", "scored", "oracle")
+                  if any(s in per[x] for x in per)]
+    head = f"{'scenario':<12}" + "".join(f"{s + ' err':>18}{s + ' p99':>18}" for s in strategies)
+    lines = [head, "-" * len(head)]
+    for scenario, stats in per.items():
+        line = f"{scenario:<12}"
+        for s in strategies:
+            cell = stats.get(s)
+            line += (f"{cell['error_rate']:>18.3f}{cell['p99_ms']:>16.0f}ms" if cell
+                     else f"{'-':>18}{'-':>18}")
+        lines.append(line)
+    lines.append("")
+    for strategy, total in summary["totals"].items():
+        lines.append(f"{strategy:<12} errors {total['errors']:>9.0f}   "
+                     f"p99 geomean {total['p99_geomean_ms']:>7.0f} ms")
+    if "gap_closed" in summary:
+        closed = summary["gap_closed"]
+        lines.append(f"scored closes {_pct(closed['errors'])} of the round_robin-to-oracle gap "
+                     f"in errors and {_pct(closed['p99_geomean'])} in p99 geomean (target 60 %)")
+    if "scored_worse" in summary:
+        worse = summary["scored_worse"]
+        if worse:
+            lines.append("scored is worse than round_robin beyond noise, metric by metric, on:")
+            lines += [f"  {w['scenario']} {w['metric']}: {w['scored']:.3f} vs "
+                      f"{w['round_robin']:.3f} (noise {w['noise']:.3f})" for w in worse]
+        else:
+            lines.append("scored is worse than round_robin beyond noise on no scenario "
+                         "and no metric")
+        worse = summary["scored_worse_objective"]
+        lines.append("on the objective (error rate + 0.5 x p99 / round_robin's p99), scored is "
+                     + ("worse beyond noise on: " + ", ".join(w["scenario"] for w in worse)
+                        if worse else "worse beyond noise on no scenario"))
+    return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
