@@ -5,7 +5,7 @@
     tune          search the scorer's settings on the simulator (bench/tune.py)
     faults        time-varying backends, live, against the health-check targets (bench/faults.py)
     clients       CPU cost per request of requests.Session vs urllib3 (bench/clients.py)
-    overhead      the balancer's cost per request against Flask, direct and nginx (bench/overhead.py)
+    overhead      the balancer's cost per request against Flask, direct and nginx (bench/overhead/)
     slowclients   a paced probe beside slow, idle and never-reading clients (bench/slowclients.py)
 
 `python -m bench <command> --help` lists each command's options.

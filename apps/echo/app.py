@@ -198,7 +198,7 @@ def register_routes(app: Flask, faults: Faults, max_body: int) -> None:
     @app.get("/bytes/<int:count>")
     def some_bytes(count: int) -> Response:
         """`count` bytes (at most ECHO_MAX_BODY): a large answer without a large upload,
-        for clients that ask for one and never read it (bench/attacks.py)."""
+        for clients that ask for one and never read it (bench/attacks/)."""
         if count > max_body:
             return json_error(413, f"at most {max_body} bytes")
         return Response(b"x" * count, mimetype="application/octet-stream")

@@ -100,7 +100,7 @@ class EdgeWorker(GeventWorker):
             # Let every other connection run before reading this one's next request:
             # a greenlet does not yield while data is at hand, so a few busy keep-alive
             # connections would keep the worker and leave the rest waiting. Measured
-            # with wrk (32 connections) on bench/overhead.py's ceiling app: p99 436 ms
+            # with wrk (32 connections) on bench/overhead/'s ceiling app: p99 436 ms
             # without this, 163 ms with sleep(0), 19 ms with idle() (gthread: 37 ms).
             gevent.idle()
 
