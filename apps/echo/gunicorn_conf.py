@@ -27,6 +27,9 @@ graceful_timeout = int(_env("GUNICORN_GRACEFUL_TIMEOUT", "4"))  # under honcho's
 # Gunicorn 25+ opens a control socket at one fixed path per user; several servers
 # from one Procfile would fight over it.
 control_socket_disable = True
+# Trust no peer's X-Forwarded-Proto unless told to (Gunicorn's default trusts
+# 127.0.0.1, the balancer): the echo answers what it was sent, as it always did.
+forwarded_allow_ips = _env("FORWARDED_ALLOW_IPS", "")
 accesslog = _env("GUNICORN_ACCESSLOG") or None
 loglevel = _env("GUNICORN_LOGLEVEL", "info")
 

@@ -178,7 +178,7 @@ class Forwarder:
 def create_app(config: Mapping[str, Any] | None = None, *, pool: Pool | None = None,
                upstreams: Upstreams | None = None,
                clock: Callable[[], float] = time.monotonic) -> Flask:
-    """Build the proxy app. `config` overrides environment settings (see apps/config.py);
+    """Build the proxy app. `config` overrides environment settings (apps/config/table.py);
     `pool`, `upstreams` and `clock` replace the parts built from the settings (tests
     pass a pool on fakeredis, fake backends and a clock they move)."""
     settings = load_settings(overrides=config)
