@@ -35,9 +35,9 @@ def history(pool: Pool, requests: int = 30, latency_ms: float = 10.0,
 
 
 def recovery_pool(client: redis.Redis, clock: Clock, **env: str) -> Pool:
-    """One failure blocks (25 points over the threshold of 20) for more turns than any
-    test takes, so only a trial can end the block."""
-    return make_pool(client, clock, **{"LB_ERROR_POINTS": "25", "LB_BLOCK_TURNS": "1000", **env})
+    """One failure blocks, even from the lowest score (-10 + 35 reaches the threshold
+    of 20), for more turns than any test takes, so only a trial can end the block."""
+    return make_pool(client, clock, **{"LB_ERROR_POINTS": "35", "LB_BLOCK_TURNS": "1000", **env})
 
 
 def offer_trial(pool: Pool, index: int, latency_ms: float = 1.0) -> None:
@@ -150,7 +150,7 @@ def test_a_passing_but_slow_check_does_not_count_toward_rise(any_redis, clock):
 
 
 def test_a_slow_check_does_not_hold_a_block_past_its_end(any_redis, clock):
-    pool = make_pool(any_redis, clock, LB_ERROR_POINTS="25", LB_CHECK_INTERVAL_S="1")
+    pool = make_pool(any_redis, clock, LB_ERROR_POINTS="35", LB_CHECK_INTERVAL_S="1")
     history(pool)
     for _ in range(5):
         for index in range(3):
@@ -158,7 +158,7 @@ def test_a_slow_check_does_not_hold_a_block_past_its_end(any_redis, clock):
     report(pool, 1, status=500)
     clock.now = state(pool, 1)["block_until"]
     check(pool, 1, 300)  # slow, not failed: the block ends with its turns and time
-    assert 9002 in ports(pool, 30)
+    assert 9002 in ports(pool, 90)  # 25 turns: 75 picks
 
 
 def test_a_pool_whose_checks_are_all_slower_than_traffic_still_recovers(any_redis, clock):
