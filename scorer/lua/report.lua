@@ -112,7 +112,7 @@ local function is_slow(latency, average)
     return average > 0 and latency > math.max(average * latency_ratio, average + latency_slack_ms)
 end
 
--- A passing check's latency against the other backends' passing checks, not
+-- Whether a passing check is slow against the other backends' passing checks, not
 -- against traffic: a /health that pings a database may be slower than cached
 -- traffic everywhere. Leave-one-out: the pool's average holds every backend's
 -- checks and this backend's its own (both fading with avg_tau_s), so the others'
@@ -120,7 +120,7 @@ end
 -- the others' checks weigh less than latency_min_samples (and 1), as with no
 -- other backend, there is nothing to compare with: never slow. Adds this check
 -- to both averages.
-local function check_is_slow(own_sum, own_weight, own_at)
+local function judge_check(own_sum, own_weight, own_at)
     local p = redis.call('HMGET', pool_key, 'check_sum', 'check_weight', 'check_at')
     local pool_fade = fade(math.max(0, now - num(p[3])), avg_tau_s)
     local own_fade = fade(math.max(0, now - num(own_at)), avg_tau_s)
@@ -187,7 +187,7 @@ if is_check then
     if failed then
         score = clamp(score + check_fail_points)
         err_sum, err_weight, streak = err_sum + 1, err_weight + 1, 0
-    elseif check_is_slow(c[11], c[12], c[13]) then
+    elseif judge_check(c[11], c[12], c[13]) then
         check_outcome, streak = 'slow', 0
     else
         streak = streak + 1
