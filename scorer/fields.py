@@ -54,14 +54,18 @@ BACKEND = _layout(
     # The way back: trials after passing checks, and slow start.
     ("trial", "report pick", "report pick status", "1 offered, 2 in flight, 0 none", RESET),
     ("trial_at", "pick", "report", "when the trial request went out"),
-    ("trials_passed", "report", "status", "trials that ended a block"),
-    ("trials_failed", "report", "status", "trials that kept it"),
+    ("trial_streak", "report pick", "report", "trials passed in a row in this block"),
+    ("trials_passed", "report", "status", "trials passed (a run of enough ends a block)"),
+    ("trials_failed", "report", "status", "trials failed or slow: the block stayed"),
     ("ramp_at", "report pick", "pick status", "start of the slow start", RESET),
     ("ramp_credit", "report pick", "pick", "slow start's credit toward the next pick", RESET),
     # Active health checks.
     ("last_check", "report", "pick", "time of the last check"),
-    ("last_check_outcome", "report", "pick status", "its outcome kind"),
-    ("check_ok_streak", "report", "report status", "checks passed in a row"),
+    ("last_check_outcome", "report", "pick status", "its outcome kind, or 'slow' (passed)"),
+    ("check_ok_streak", "report", "report status", "checks passed, not slow, in a row"),
+    ("check_lat_sum", "report", "report", "decayed latency sum of its passing checks"),
+    ("check_lat_weight", "report", "report", "its decayed weight"),
+    ("check_at", "report", "report", "time of its last passing check, for fading"),
     ("checks_passed", "report", "status", "checks passed so far"),
     ("checks_failed", "report", "status", "checks failed so far"),
     # Traffic counters.
@@ -92,6 +96,9 @@ POOL = _layout(
     ("err_sum", "report", "report status", "decayed count of failures"),
     ("err_weight", "report", "report status", "decayed count of outcomes"),
     ("updated_at", "report", "report", "time of the last report, for fading"),
+    ("check_sum", "report", "report", "decayed latency sum of every passing check"),
+    ("check_weight", "report", "report", "its decayed weight"),
+    ("check_at", "report", "report", "time of the last passing check, for fading"),
     ("blocks_deferred", "report", "status", "blocks refused: the cap was full"),
     ("block_swaps", "report", "status", "blocks given up for a worse backend"),
     # The membership's version (the members themselves have keys of their own).

@@ -183,7 +183,8 @@ TABLE: tuple[Setting, ...] = (
             "Every score halves toward 0 in this time, with or without traffic.", script="report"),
     Setting("LB_AVG_TAU_S", "30", number(0, low_open=True), "s",
             "Time constant of the pool's latency average: the mean over successful "
-            "requests, each weighted e^(-age/tau), so it follows time, not request count.",
+            "requests, each weighted e^(-age/tau), so it follows time, not request count. "
+            "Also of the pool's average over passing health checks.",
             script="report"),
     Setting("LB_LATENCY_TAU_S", "2", number(0, low_open=True), "s",
             "Time constant of each backend's smoothed latency (same kind of mean).",
@@ -245,11 +246,19 @@ TABLE: tuple[Setting, ...] = (
     Setting("LB_CHECK_PATH", "/health", parse_path, "path",
             "Path probed on each backend with GET; a 2xx or 3xx answer passes."),
     Setting("LB_CHECK_RISE", "2", number(1, integer=True), "checks",
-            "Passing checks in a row after which a blocked backend gets a trial request; "
-            "if it succeeds the block ends at once, even an escalated one.", script="report"),
+            "Passing checks in a row, none slow against the other backends' checks (by "
+            "LB_LATENCY_RATIO and LB_LATENCY_SLACK_MS), after which a blocked backend gets "
+            "a trial request; a trial that is neither failed nor slow against the pool "
+            "ends the block at once, even an escalated one.", script="report"),
     Setting("LB_CHECK_FAIL_POINTS", "4", number(0), "points",
             "Cost of a failed check: checks count against a backend without traffic.",
             script="report"),
+    Setting("LB_TRIAL_ERROR_FLOOR", "0.05", number(0, 1, low_open=True), "fraction",
+            "A backend erring more than the pool must pass several trials in a row to end "
+            "its block: its recent error rate over the pool's, the pool's taken as at least "
+            "this, rounded up...", script="report"),
+    Setting("LB_TRIAL_MAX", "5", number(1, 1000, integer=True), "trials",
+            "...and at most this many.", script="report"),
     Setting("LB_SLOW_START_S", "5", number(0), "s",
             "A backend back from a block ramps its share up linearly over this time; 0: "
             "full share at once.", script="pick"),

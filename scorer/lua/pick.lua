@@ -35,7 +35,7 @@
 -- the backend with its turns used up *and* its minimum end time (block_until)
 -- passed: its score restarts from 0 and it is picked at once. A blocked backend
 -- whose health checks passed (trial = 1, set by report.lua) gets one trial
--- request instead. A backend back from a block ramps its share up over
+-- request instead (report.lua judges it, and may offer the next). A backend back from a block ramps its share up over
 -- slow_start_s (the ramp is skipped like a busy backend, never panicked over).
 -- When every candidate is blocked or busy the request still goes somewhere: to
 -- a busy unblocked backend if there is one, else a blocked one; the lowest
@@ -111,8 +111,10 @@ for step = first_step, first_step + n - 1 do
         if state[1] == '1' then
             local turns = num(state[2])
             -- A fresh failed health check holds a block past its end: a backend
-            -- still failing its checks is not let back in to fail requests.
-            local checks_failing = check_interval_s > 0 and state[8] and state[8] ~= 'ok'
+            -- still failing its checks is not let back in to fail requests. A
+            -- slow pass does not: traffic judges it again, and escalates.
+            local checks_failing = check_interval_s > 0 and state[8]
+                and state[8] ~= 'ok' and state[8] ~= 'slow'
                 and now - num(state[7]) <= 3 * check_interval_s
             if state[4] == '1' and flag(index) == '.' and not is_retry then
                 -- Its health checks passed: one trial request (half-open).

@@ -5,8 +5,9 @@
 --
 -- KEYS[1]      lb:{pool}:pool      hash: the pool's latency averages (avg_sum,
 --                                  avg_weight; all_sum, all_weight), error rate
---                                  (err_sum, err_weight), updated_at,
---                                  blocks_deferred, block_swaps
+--                                  (err_sum, err_weight), updated_at, its checks'
+--                                  latency average (check_sum, check_weight,
+--                                  check_at), blocks_deferred, block_swaps
 -- KEYS[2..n+1] lb:{pool}:b:<id>    each backend's hash, in the pool's order
 -- ARGV[1]  now                  caller's clock, seconds since the epoch
 -- ARGV[2]  index                0-based index of the reported backend in KEYS[2..]
@@ -16,7 +17,7 @@
 -- ARGV[5]  status               HTTP status, 0 when there was none
 -- ARGV[6]  may_block            1 (strategy `scored`) or 0 (keep scores, never block)
 -- ARGV[7]  is_check             1 for an active health check's result, 0 for traffic
--- ARGV[8]  request_timeout      ARGV[8..35]: the LB_* settings of the same name,
+-- ARGV[8]  request_timeout      ARGV[8..37]: the LB_* settings of the same name,
 --                               in the order of their rows in apps/config/table.py
 -- ARGV[9]  score_min
 -- ARGV[10] score_max
@@ -43,8 +44,10 @@
 -- ARGV[31] reoffend_s
 -- ARGV[32] check_rise
 -- ARGV[33] check_fail_points
--- ARGV[34] max_blocked_share
--- ARGV[35] min_unblocked
+-- ARGV[34] trial_error_floor
+-- ARGV[35] trial_max
+-- ARGV[36] max_blocked_share
+-- ARGV[37] min_unblocked
 -- Returns  {score, blocked_turns}: the score after this report (as a string,
 --          Redis would truncate a number) and the turns of a block it started, or 0.
 --
@@ -86,8 +89,10 @@ local block_max_s = tonumber(ARGV[30])
 local reoffend_s = tonumber(ARGV[31])
 local check_rise = tonumber(ARGV[32])
 local check_fail_points = tonumber(ARGV[33])
-local max_blocked_share = tonumber(ARGV[34])
-local min_unblocked = tonumber(ARGV[35])
+local trial_error_floor = tonumber(ARGV[34])
+local trial_max = tonumber(ARGV[35])
+local max_blocked_share = tonumber(ARGV[36])
+local min_unblocked = tonumber(ARGV[37])
 
 local pool_key = KEYS[1]
 local key = KEYS[index + 2]
@@ -101,16 +106,76 @@ local function is_blocked(backend_key)
 end
 local function clamp(value) return math.min(math.max(value, score_min), score_max) end
 local function ratio(sum, weight) return num(weight) > 0 and num(sum) / num(weight) or 0 end
+-- Slow against an average: past both the ratio and the slack. The one bar for
+-- requests, trials and health checks alike.
+local function is_slow(latency, average)
+    return average > 0 and latency > math.max(average * latency_ratio, average + latency_slack_ms)
+end
+
+-- Whether a passing check is slow against the other backends' passing checks, not
+-- against traffic: a /health that pings a database may be slower than cached
+-- traffic everywhere. Leave-one-out: the pool's average holds every backend's
+-- checks and this backend's its own (both fading with avg_tau_s), so the others'
+-- are the difference; a slow backend's own checks cannot pull its bar up. While
+-- the others' checks weigh less than latency_min_samples (and 1), as with no
+-- other backend, there is nothing to compare with: never slow. Adds this check
+-- to both averages.
+local function judge_check(own_sum, own_weight, own_at)
+    local p = redis.call('HMGET', pool_key, 'check_sum', 'check_weight', 'check_at')
+    local pool_fade = fade(math.max(0, now - num(p[3])), avg_tau_s)
+    local own_fade = fade(math.max(0, now - num(own_at)), avg_tau_s)
+    local pool_sum, pool_weight = num(p[1]) * pool_fade, num(p[2]) * pool_fade
+    own_sum, own_weight = num(own_sum) * own_fade, num(own_weight) * own_fade
+    local others_weight = pool_weight - own_weight
+    local slow = others_weight >= math.max(latency_min_samples, 1)
+        and is_slow(latency_ms, math.max(0, pool_sum - own_sum) / others_weight)
+    redis.call('HSET', pool_key, 'check_sum', pool_sum + latency_ms,
+               'check_weight', pool_weight + 1, 'check_at', math.max(num(p[3]), now))
+    redis.call('HSET', key, 'check_lat_sum', own_sum + latency_ms,
+               'check_lat_weight', own_weight + 1, 'check_at', math.max(num(own_at), now))
+    return slow
+end
+
+-- Trials in a row a blocked backend must pass: its recent error rate over the
+-- pool's (at least trial_error_floor), rounded up, within [1, trial_max]. One
+-- for a backend erring no more than the pool; more the more it errs.
+local function trials_needed(error_rate, pool_error_rate)
+    local times = error_rate / math.max(pool_error_rate, trial_error_floor)
+    return math.min(trial_max, math.max(1, math.ceil(times - 1e-9)))
+end
+
+-- A trial's answer (a request pick.lua sent a blocked backend whose checks
+-- passed), judged like traffic: failed, or slow against the pool's yardstick,
+-- it fails, and the block stays until checks pass again. A pass short of
+-- trials_needed offers the next trial at once; the last ends the block, even an
+-- escalated one, with a slow start. Returns whether the block ended.
+local function judge_trial(sample, yardstick, error_rate, pool_error_rate)
+    if failed or is_slow(sample, yardstick) then
+        redis.call('HSET', key, 'trial', 0, 'trial_streak', 0, 'check_ok_streak', 0)
+        redis.call('HINCRBY', key, 'trials_failed', 1)
+        return false
+    end
+    redis.call('HINCRBY', key, 'trials_passed', 1)
+    local passed = num(redis.call('HGET', key, 'trial_streak')) + 1
+    if passed < trials_needed(error_rate, pool_error_rate) then
+        redis.call('HSET', key, 'trial', 1, 'trial_streak', passed)
+        return false
+    end
+    end_block(key, now)
+    return true
+end
 
 local score, smoothed, yardstick, error_rate, blocked_now
 if is_check then
     -- A health check's result. A failure counts against the backend like a
     -- failed request (check_fail_points and its error rate), even with no
     -- traffic; a pass earns nothing, but check_rise passes in a row offer a
-    -- blocked backend a trial: pick.lua sends it one request (half-open).
+    -- blocked backend a trial: pick.lua sends it one request (half-open). A
+    -- pass slow against the other backends' checks is recorded as 'slow' and
+    -- breaks the row, as "in a row" means: it neither costs nor earns points.
     local c = redis.call('HMGET', key, 'score', 'updated_at', 'err_sum', 'err_weight',
                          'check_ok_streak', 'in_block', 'trial', 'trial_at', 'lat_sum',
-                         'lat_weight')
+                         'lat_weight', 'check_lat_sum', 'check_lat_weight', 'check_at')
     local updated_at = num(c[2])
     local dt = math.max(0, now - updated_at)
     local err_fade = fade(dt, error_tau_s)
@@ -118,9 +183,12 @@ if is_check then
     local streak = num(c[5])
     blocked_now = c[6] == '1'
     score = num(c[1]) * 0.5 ^ (dt / score_half_life_s)
+    local check_outcome = outcome
     if failed then
         score = clamp(score + check_fail_points)
         err_sum, err_weight, streak = err_sum + 1, err_weight + 1, 0
+    elseif judge_check(c[11], c[12], c[13]) then
+        check_outcome, streak = 'slow', 0
     else
         streak = streak + 1
         local trial_stale = c[7] == '2' and now - num(c[8]) > request_timeout
@@ -130,7 +198,7 @@ if is_check then
     end
     redis.call('HSET', key, 'score', score, 'updated_at', math.max(updated_at, now),
                'err_sum', err_sum, 'err_weight', err_weight, 'check_ok_streak', streak,
-               'last_check', now, 'last_check_outcome', outcome)
+               'last_check', now, 'last_check_outcome', check_outcome)
     redis.call('HINCRBY', key, failed and 'checks_failed' or 'checks_passed', 1)
     if not failed then
         return {tostring(score), 0}
@@ -204,8 +272,7 @@ else
         -- Slower means past both the ratio and the slack, for the smoothed latency
         -- (a trend, not noise) and for this request too, so a lone spike is paid
         -- for once, not on every request until the smoothing forgets it.
-        local bar = math.max(yardstick * latency_ratio, yardstick + latency_slack_ms)
-        if smoothed > bar and sample > bar then
+        if is_slow(smoothed, yardstick) and is_slow(sample, yardstick) then
             score = score + math.min(slow_points * (smoothed / yardstick - 1), slow_max_points)
         elseif not failed and smoothed < yardstick then
             score = score - fast_bonus
@@ -221,18 +288,10 @@ else
     redis.call('HINCRBY', key, 'requests', 1)
     redis.call('HINCRBY', key, 'outcome:' .. outcome, 1)
 
-    -- A trial's answer (the one request pick.lua sent a blocked backend whose
-    -- checks passed): success ends the block at once, even an escalated one, with
-    -- a slow start; failure keeps it blocked until checks pass again.
-    if blocked_now and redis.call('HGET', key, 'trial') == '2' then
-        if failed then
-            redis.call('HSET', key, 'trial', 0, 'check_ok_streak', 0)
-            redis.call('HINCRBY', key, 'trials_failed', 1)
-        else
-            end_block(key, now)
-            redis.call('HINCRBY', key, 'trials_passed', 1)
-            return {tostring(score), 0}
-        end
+    -- The answer to a trial (trial = 2) is judged like traffic, above.
+    if blocked_now and redis.call('HGET', key, 'trial') == '2'
+            and judge_trial(sample, yardstick, error_rate, pool_error_rate) then
+        return {tostring(score), 0}
     end
 end
 
@@ -266,7 +325,7 @@ if blocked >= cap then
         redis.call('HINCRBY', pool_key, 'blocks_deferred', 1)
         return {tostring(score), 0}
     end
-    end_block(best_key)  -- cut short: no slow start, its trial left as it was
+    end_block(best_key)  -- cut short: no slow start
     redis.call('HINCRBY', pool_key, 'block_swaps', 1)
 end
 
@@ -285,8 +344,11 @@ local turns = math.ceil((block_turns + (score - score_threshold) * block_turns_p
 local reason = string.format(
     'score %.1f reached %g: last %s, error rate %.0f%%, latency %.0f ms vs pool %.0f ms',
     score, score_threshold, outcome, error_rate * 100, smoothed, yardstick)
+-- A block starts clean: no trial and no passing checks from before it, so only
+-- fresh checks offer one.
 redis.call('HSET', key, 'in_block', 1, 'score', 0, 'blocked_turns', turns,
            'block_until', now + block_min_s * factor, 'block_level', level,
-           'last_block_at', now, 'block_reason', reason)
+           'last_block_at', now, 'block_reason', reason,
+           'trial', 0, 'trial_streak', 0, 'check_ok_streak', 0)
 redis.call('HINCRBY', key, 'blocks', 1)
 return {tostring(score), turns}
