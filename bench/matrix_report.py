@@ -116,9 +116,13 @@ def _geomean(values: Iterable[float]) -> float:
     return math.exp(statistics.fmean(math.log(v) for v in values)) if values else math.nan
 
 
-def _scenario_order(name: str) -> tuple[int, int]:
+def _scenario_order(name: str) -> tuple[int, int, str]:
+    """Seeded scenarios by instance count, then seed; named ones (issue 15's) after,
+    by name."""
+    if not name.startswith("seed"):
+        return 1_000_000, 0, name
     seed, instances = name.removeprefix("seed").split("-n")
-    return int(instances), int(seed)
+    return int(instances), int(seed), ""
 
 
 # --- outputs --------------------------------------------------------------------
