@@ -99,10 +99,22 @@ def run_mode(name: str, mode: str, urls: list[str], redis_url: str, logs: Path,
         proc.stop()
 
 
+def start_instances(name: str, logs: Path) -> list[tuple[Proc, str]]:
+    """The scenario's echo instances, each with its fixed profile."""
+    started: list[tuple[Proc, str]] = []
+    try:
+        for i, backend in enumerate(LIVE[name]):
+            started.append(start_echo(i, logs, threads=backend.threads, **backend.echo_env()))
+    except BaseException:
+        for proc, _ in started:
+            proc.stop()
+        raise
+    return started
+
+
 def run_scenario(name: str, modes: list[str], redis_url: str, logs: Path,
                  args: argparse.Namespace) -> list[MixedRun]:
-    echoes = [start_echo(i, logs, threads=b.threads, **b.echo_env())
-              for i, b in enumerate(LIVE[name])]
+    echoes = start_instances(name, logs)
     try:
         urls = [u for _, u in echoes]
         return [run_mode(name, mode, urls, redis_url, logs, args) for mode in modes]
