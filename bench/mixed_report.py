@@ -45,7 +45,10 @@ def figures(run: MixedRun) -> dict[str, Any]:
               "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95),
               "p99_ms": percentile(latencies, 99),
               "p95_after_warmup_ms": percentile(settled, 95),
-              "shares": _shares(start, end)}
+              "shares": _shares(start, end),
+              # The balancer's blocks by the end (nginx has no /status: None).
+              "blocks": sum(b["blocks"] for b in run.statuses[-1][1]["backends"])
+              if run.statuses else None}
     if run.scenario == "static_mixed":
         after = _shares(warm, end)
         result["slow_share_after_warmup"] = after[SLOW_INSTANCE] if after else math.nan
@@ -95,14 +98,15 @@ def _target(where: str, what: str, measured: str, met: bool | None) -> dict[str,
 
 def format_report(results: list[dict[str, Any]], found: list[dict[str, Any]]) -> str:
     head = (f"{'scenario':<14}{'mode':<9}{'p50':>7}{'p95':>7}{'p99':>7}{'errors':>12}"
-            f"{'slow>3s':>9}  shares of attempts, backend by backend")
+            f"{'slow>3s':>9}{'blocks':>7}  shares of attempts, backend by backend")
     lines = [head, "-" * len(head)]
     for r in results:
         slow = r.get("slow_share_after_warmup")
         lines.append(
             f"{r['scenario']:<14}{r['mode']:<9}{r['p50_ms']:>7.1f}{r['p95_ms']:>7.1f}"
             f"{r['p99_ms']:>7.1f}{r['errors']:>6}/{r['answers']:<5}"
-            f"{'-' if slow is None else f'{slow:.2%}':>9}  "
+            f"{'-' if slow is None else f'{slow:.2%}':>9}"
+            f"{'-' if r['blocks'] is None else r['blocks']:>7}  "
             + " ".join(f"{s:.1%}" for s in r["shares"]))
     lines.append("")
     for t in found:

@@ -62,6 +62,11 @@ def test_figures_of_a_run():
     assert result["p50_ms"] == result["p95_ms"] == result["p95_after_warmup_ms"] == 8
     assert result["slow_share_after_warmup"] == pytest.approx(0.01)
     assert sum(result["shares"]) == pytest.approx(1)
+    assert result["blocks"] is None  # no /status polled (nginx)
+    run = made_up("graded", "retry", 8)
+    run.statuses = [(1.0, {"backends": [{"blocks": 1}, {"blocks": 0}]}),
+                    (2.0, {"backends": [{"blocks": 2}, {"blocks": 1}]})]
+    assert figures(run)["blocks"] == 3
 
 
 def test_a_run_shorter_than_the_warmup_has_no_share_after_it():
