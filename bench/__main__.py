@@ -4,6 +4,7 @@
     matrix        seeds x instance counts x strategies, simulated or --live (bench/matrix.py)
     tune          search the scorer's settings on the simulator (bench/tune.py)
     faults        time-varying backends, live, against the health-check targets (bench/faults.py)
+    mixed         issue 15's fixed-profile pools live: balancer, with retries, nginx (bench/mixed.py)
     clients       CPU cost per request of requests.Session vs urllib3 (bench/clients.py)
     overhead      the balancer's cost per request against Flask, direct and nginx (bench/overhead/)
     slowclients   a paced probe beside slow, idle and never-reading clients (bench/slowclients.py)
@@ -17,6 +18,7 @@ import importlib
 import sys
 
 COMMANDS = {"matrix": "bench.matrix", "tune": "bench.tune", "faults": "bench.faults",
+            "mixed": "bench.mixed",
             "clients": "bench.clients",
             "overhead": "bench.overhead", "slowclients": "bench.slowclients"}
 

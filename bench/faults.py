@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import requests
 
 from bench.faults_targets import BASE_LATENCY_MS, SCENARIOS, Run, Scenario, checkers
+from bench.paced import drive
 from apps.launch.stack import start_balancer, start_echo, start_redis
 
 
@@ -55,7 +54,7 @@ def run_scenario(scenario: Scenario, redis_url: str, logs: Path, rate: float) ->
         run = Run(scenario.spec, first.removeprefix("http://"),
                   [u.removeprefix("http://") for _, u in echoes[1:]])
         clock = lambda: time.monotonic() - origin  # noqa: E731
-        _drive(url, admin, run, clock, scenario.duration_s, rate)
+        drive(url, admin, run, clock, scenario.duration_s, rate)
         # Probes as a healthy instance saw them (a dead one cannot say).
         run.probes = [tuple(p) for p in requests.get(f"{echoes[1][1]}/profile", timeout=5)
                       .json()["health_probes"]]
@@ -63,54 +62,6 @@ def run_scenario(scenario: Scenario, redis_url: str, logs: Path, rate: float) ->
     finally:
         for proc in reversed(procs):
             proc.stop()
-
-
-def _drive(url: str, admin: str, run: Run, clock: Callable[[], float], until: float,
-           rate: float) -> None:
-    """Paced load from 10 threads, and /status every 100 ms, until `until`."""
-    stop = threading.Event()
-    threads_n = 10
-    lock = threading.Lock()
-
-    def client(number: int) -> None:
-        session = requests.Session()
-        interval = threads_n / rate
-        next_at = time.monotonic() + number * interval / threads_n
-        sequence = number
-        while not stop.is_set():
-            sent = clock()
-            try:
-                response = session.post(f"{url}/load", json={"n": sequence}, timeout=30,
-                                        headers={"X-Request-ID": f"f{sequence}"})
-                answer = (sent, response.headers.get("X-Upstream", ""), response.status_code,
-                          clock() - sent)
-            except requests.RequestException:
-                answer = (sent, "", 599, clock() - sent)
-            with lock:
-                run.answers.append(answer)
-            sequence += threads_n
-            next_at += interval
-            stop.wait(max(0.0, next_at - time.monotonic()))
-
-    def poll() -> None:
-        session = requests.Session()
-        while not stop.is_set():
-            try:
-                run.statuses.append((clock(), session.get(f"{admin}/status", timeout=5).json()))
-            except requests.RequestException:
-                pass
-            stop.wait(0.1)
-
-    workers = [threading.Thread(target=client, args=(n,)) for n in range(threads_n)]
-    workers.append(threading.Thread(target=poll))
-    for worker in workers:
-        worker.start()
-    while clock() < until:
-        time.sleep(0.05)
-    stop.set()
-    for worker in workers:
-        worker.join()
-    run.answers.sort()
 
 
 def run(args: argparse.Namespace) -> int:

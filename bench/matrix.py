@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.matrix_report import format_table, summarize, write_outputs
+from bench.matrix_report import format_p95_shares, format_table, summarize, write_outputs
+from bench.mixed_scenarios import sim_names, sim_scenario
 from bench.scenario import Scenario
 from bench.sim import sim_redis, simulate_cell
 
@@ -30,6 +31,8 @@ SUITES = {
     "full": (list(range(1, 21)), [3, 5, 8], 10000, 3),
     "quick": ([1, 2], [3], 1000, 1),
 }
+# Suites of named pools instead of seeds (bench/mixed_scenarios.py): (requests, repeats).
+NAMED_SUITES = {"issue15": (4000, 2)}
 LIVE_SUITES = {
     "default": ([1, 2, 3, 7], [3, 5], 500, 2),
     "full": (list(range(1, 9)), [3, 5], 1000, 2),
@@ -42,7 +45,9 @@ LIVE_TIMEOUT_S = 30  # the live benchmark client's timeout
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--live", action="store_true",
                         help="run each cell on a real stack instead of the simulator")
-    parser.add_argument("--suite", choices=sorted(SUITES), default="default")
+    parser.add_argument("--suite", choices=sorted({*SUITES, *NAMED_SUITES}), default="default",
+                        help="issue15: its fixed pools (static_mixed, graded, healthy3, "
+                             "small_fast), with p95 and shares by strategy")
     parser.add_argument("--seeds", type=_ints, help="override the suite's seeds, e.g. 1,2,3")
     parser.add_argument("--instances", type=_ints, help="override the instance counts, e.g. 3,5")
     parser.add_argument("--requests", type=int, help="requests per cell")
@@ -73,15 +78,25 @@ class Cell:
 
 
 def plan(args: argparse.Namespace) -> list[Cell]:
+    strategies = [s for s in args.strategies if not (args.live and s == "oracle")]
+    if args.suite in NAMED_SUITES:
+        return plan_named(args, strategies)
     seeds, instances, requests, repeats = (LIVE_SUITES if args.live else SUITES)[args.suite]
     seeds = args.seeds or seeds
     instances = args.instances or instances
     requests = args.requests or requests
     repeats = args.repeats or repeats
-    strategies = [s for s in args.strategies if not (args.live and s == "oracle")]
     return [Cell(Scenario(seed=seed, instances=n, requests=requests, clients=args.workers,
                           id_offset=repeat * ID_OFFSET_STEP), strategy, repeat)
             for seed in seeds for n in instances for repeat in range(repeats)
+            for strategy in strategies]
+
+
+def plan_named(args: argparse.Namespace, strategies: list[str]) -> list[Cell]:
+    requests, repeats = NAMED_SUITES[args.suite]
+    return [Cell(sim_scenario(name, args.requests or requests, args.workers,
+                              repeat * ID_OFFSET_STEP), strategy, repeat)
+            for name in sim_names() for repeat in range(args.repeats or repeats)
             for strategy in strategies]
 
 
@@ -102,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     summary["wall_s"] = round(time.monotonic() - started, 1)
     write_outputs(rows, summary, out)
     print(format_table(rows, summary))
+    if args.suite in NAMED_SUITES:
+        print("\n" + format_p95_shares(rows))
     print(f"\nwrote {out}/results.csv, results.json, summary.json, chart.png "
           f"in {summary['wall_s']} s")
     return 0
@@ -131,7 +148,7 @@ def run_live(cells: list[Cell], env: dict[str, str], out: Path) -> list[dict[str
                   flush=True)
             procs = []
             try:
-                echoes = [start_echo(i, logs, seed=s.seed, threads=s.backend_threads,
+                echoes = [start_echo(i, logs, seed=s.seed, threads=s.threads_of(i),
                                      **_fault_env(s, i))
                           for i in range(s.instances)]
                 procs += [p for p, _ in echoes]

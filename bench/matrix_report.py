@@ -116,9 +116,13 @@ def _geomean(values: Iterable[float]) -> float:
     return math.exp(statistics.fmean(math.log(v) for v in values)) if values else math.nan
 
 
-def _scenario_order(name: str) -> tuple[int, int]:
+def _scenario_order(name: str) -> tuple[int, int, str]:
+    """Seeded scenarios by instance count, then seed; named ones (issue 15's) after,
+    by name."""
+    if not name.startswith("seed"):
+        return 1_000_000, 0, name
     seed, instances = name.removeprefix("seed").split("-n")
-    return int(instances), int(seed)
+    return int(instances), int(seed), ""
 
 
 # --- outputs --------------------------------------------------------------------
@@ -211,3 +215,21 @@ def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
+
+
+def format_p95_shares(rows: list[dict[str, Any]]) -> str:
+    """Per scenario and strategy: p95 and error rate (means over repeats) and each
+    backend's share of the successes (over all repeats): where traffic went."""
+    by_cell: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        by_cell.setdefault((row["scenario"], row["strategy"]), []).append(row)
+    lines = [f"{'scenario':<14}{'strategy':<13}{'err':>7}{'p95':>10}  shares of the successes"]
+    for (scenario, strategy), cell in sorted(by_cell.items(),
+                                             key=lambda k: (_scenario_order(k[0][0]), k[0][1])):
+        counts = [sum(r["shares"].get(b, 0) for r in cell) for b in cell[0]["shares"]]
+        total = sum(counts) or 1
+        p95 = statistics.fmean(r.get("p95_ms", math.nan) for r in cell)
+        lines.append(f"{scenario:<14}{strategy:<13}"
+                     f"{statistics.fmean(r['error_rate'] for r in cell):>7.3f}{p95:>8.1f}ms  "
+                     + " ".join(f"{c / total:.1%}" for c in counts))
+    return "\n".join(lines)

@@ -38,10 +38,17 @@ class Scenario:
     # Named time-varying profiles instead of the seeded ones: (instance, spec), as
     # ECHO_PROFILE gives an echo instance, e.g. (0, "dead:start=2").
     specs: tuple[tuple[int, str], ...] = ()
+    # Instances with other than backend_threads threads: (instance, threads), so a
+    # fast backend can have little capacity (bench/mixed_scenarios.py's small_fast).
+    threads: tuple[tuple[int, int], ...] = ()
+    label: str = ""                # a named scenario's name; else seed<N>-n<M>
 
     @property
     def name(self) -> str:
-        return f"seed{self.seed}-n{self.instances}"
+        return self.label or f"seed{self.seed}-n{self.instances}"
+
+    def threads_of(self, instance: int) -> int:
+        return dict(self.threads).get(instance, self.backend_threads)
 
     def profile(self, instance: int) -> simulate.Profile:
         profile = simulate.profile_for(self.seed, instance)
@@ -69,6 +76,7 @@ class SimResult:
     error_rate: float
     p50_ms: float
     p90_ms: float
+    p95_ms: float  # issue 15's targets are p95s (bench/mixed_report.py)
     p99_ms: float
     max_ms: float
     virtual_s: float
@@ -90,6 +98,7 @@ class SimResult:
             id_offset=s.id_offset, requests=s.requests, errors=errors,
             error_rate=errors / s.requests,
             p50_ms=percentile(ordered, 50) * 1000, p90_ms=percentile(ordered, 90) * 1000,
+            p95_ms=percentile(ordered, 95) * 1000,
             p99_ms=percentile(ordered, 99) * 1000, max_ms=ordered[-1] * 1000,
             virtual_s=virtual_s, retries=retries,
             blocks=sum(b["blocks"] for b in status["backends"]) if status else 0,
@@ -133,18 +142,19 @@ class SimBackend:
     def __init__(self, backend: Backend, profile: simulate.Profile, threads: int) -> None:
         self.backend = backend
         self.profile = profile
+        self.threads = threads
         self.free = threads
         self.queue: deque[Callable[[], None]] = deque()
 
-    def expected_cost(self, now: float, inflight: int, threads: int) -> float:
+    def expected_cost(self, now: float, inflight: int) -> float:
         """The oracle's price of sending one more request here now."""
         phase = simulate.phase_at(self.profile, now)
         if phase.state in ("dead", "hanging"):
             return math.inf
         mean_s = phase.mean_latency_ms / 1000 + BASE_SERVICE_S
-        waiting = max(0, inflight + 1 - threads)
+        waiting = max(0, inflight + 1 - self.threads)
         failure = max(phase.error_rate, phase.reset_rate)
-        return failure * ORACLE_ERROR_COST_S + mean_s + waiting * mean_s / threads
+        return failure * ORACLE_ERROR_COST_S + mean_s + waiting * mean_s / self.threads
 
     def serve(self, draw: simulate.Draw, clock: Callable[[], float],
               at: Callable[[float, Callable[[], None]], None],
@@ -181,9 +191,8 @@ class Oracle:
     expected cost given its error probability, its mean latency and the queue
     it would join. The yardstick for "how close to perfect"."""
 
-    def __init__(self, backends: Sequence[SimBackend], threads: int) -> None:
+    def __init__(self, backends: Sequence[SimBackend]) -> None:
         self.backends = backends
-        self.threads = threads
         self.rotation = 0
 
     def choose(self, now: float, inflight: InFlight, tried: Sequence[Backend]) -> Backend | None:
@@ -196,7 +205,7 @@ class Oracle:
             sim = self.backends[(self.rotation + step) % n]
             if sim.backend.id in tried_ids:
                 continue
-            cost = sim.expected_cost(now, inflight.count(sim.backend), self.threads)
+            cost = sim.expected_cost(now, inflight.count(sim.backend))
             if cost < best_cost - 1e-12:
                 best, best_cost = sim, cost
         self.rotation += 1

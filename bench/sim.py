@@ -86,11 +86,11 @@ class Simulation:
         self.pool = Pool(self.settings, clock=lambda: EPOCH + self.now, degrade=False,
                          redis_factory=redis_factory or
                          (lambda: fakeredis.FakeRedis(server=server)))
-        self.backends = [SimBackend(b, scenario.profile(i), scenario.backend_threads)
+        self.backends = [SimBackend(b, scenario.profile(i), scenario.threads_of(i))
                          for i, b in enumerate(self.settings.backends)]
         self.by_id = {b.backend.id: b for b in self.backends}
         self.inflight = InFlight(self.settings.max_inflight * scenario.balancer_workers)
-        self.oracle = Oracle(self.backends, scenario.backend_threads)
+        self.oracle = Oracle(self.backends)
         self.balancer_free = scenario.balancer_slots
         self.accept_queue: deque[Callable[[], None]] = deque()
         self.latencies: list[float] = []

@@ -120,6 +120,14 @@ def test_a_known_fault_overrides_the_seeded_profile(sleeps):
     assert response.status_code == 500 and len(sleeps) == 1 and sleeps[0] > 0
 
 
+def test_profile_counts_the_requests_served_not_health_checks(sleeps):
+    client = make_client(sleeps, ECHO_ERROR_RATE="1")
+    client.get("/health")
+    for _ in range(3):  # failed ones reached the instance too: a balancer's attempts
+        client.post("/x", data=b"{}", content_type="application/json")
+    assert client.get("/profile").get_json()["served"] == 3
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 0.0

@@ -93,6 +93,11 @@ class Faults:
         # Recent health probes, (elapsed, checker id), shown by /profile: a benchmark
         # can then see how many checkers probe this instance, and how often.
         self.probes: collections.deque[tuple[float, str]] = collections.deque(maxlen=500)
+        # Requests that reached this instance (not /health, not /profile), shown by
+        # /profile: a benchmark can count every attempt, a balancer's retries
+        # included, whichever balancer sent them (bench/mixed.py).
+        self.served = 0
+        self.served_lock = threading.Lock()
 
     def elapsed(self) -> float:
         return self.clock() - self.started
@@ -104,6 +109,9 @@ class Faults:
         health = path == "/health"
         if health and environ.get("HTTP_X_HEALTH_CHECK"):
             self.probes.append((round(self.elapsed(), 3), environ["HTTP_X_HEALTH_CHECK"]))
+        if not health:
+            with self.served_lock:
+                self.served += 1
         key = environ.get("HTTP_X_REQUEST_ID") or f"n{next(self.counter)}"
         outcome = simulate.draw(self.profile, f"health:{key}" if health else key, self.elapsed())
         if outcome.hang:
@@ -193,7 +201,8 @@ def register_routes(app: Flask, faults: Faults, max_body: int) -> None:
     @app.get("/profile")
     def show_profile() -> Response:
         return jsonify(id=faults.name, state=faults.state(), elapsed_s=faults.elapsed(),
-                       health_probes=list(faults.probes), **dataclasses.asdict(faults.profile))
+                       health_probes=list(faults.probes), served=faults.served,
+                       **dataclasses.asdict(faults.profile))
 
     @app.get("/bytes/<int:count>")
     def some_bytes(count: int) -> Response:

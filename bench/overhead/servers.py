@@ -52,13 +52,14 @@ def gunicorn_shape() -> tuple[int, int]:
     return conf.workers, conf.threads
 
 
-def start_nginx(ports: list[int], workers: int, run_dir: Path, access_log: bool) -> tuple[Proc, str]:
-    """nginx as a round-robin proxy over `ports`, with keep-alive to them."""
-    port = free_port()
+def nginx_conf(ports: list[int], workers: int, run_dir: Path, port: int, access_log: bool,
+               location_extra: str = "") -> str:
+    """nginx.conf for a round-robin proxy on `port` over `ports`, with keep-alive to
+    them; `location_extra` adds directives to its location (bench/mixed.py's retries)."""
     servers = "\n".join(f"        server 127.0.0.1:{p};" for p in ports)
     log = f"access_log {run_dir}/nginx-access.log;" if access_log else "access_log off;"
-    conf = run_dir / "nginx.conf"
-    conf.write_text(f"""
+    extra = "".join(f"\n            {line}" for line in location_extra.splitlines() if line)
+    return f"""
 worker_processes {workers};
 daemon off;
 pid {run_dir}/nginx.pid;
@@ -81,11 +82,19 @@ http {{
         location / {{
             proxy_pass http://backends;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_set_header Connection "";{extra}
         }}
     }}
 }}
-""")
+"""
+
+
+def start_nginx(ports: list[int], workers: int, run_dir: Path, access_log: bool,
+                location_extra: str = "") -> tuple[Proc, str]:
+    """nginx as a round-robin proxy over `ports` (see nginx_conf)."""
+    port = free_port()
+    conf = run_dir / "nginx.conf"
+    conf.write_text(nginx_conf(ports, workers, run_dir, port, access_log, location_extra))
     proc = spawn("nginx", ["nginx", "-p", str(run_dir), "-c", str(conf),
                            "-e", str(run_dir / "nginx-error.log")], {}, run_dir, [port])
     return proc, f"http://127.0.0.1:{port}/"
