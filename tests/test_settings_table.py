@@ -43,6 +43,12 @@ def test_settings_are_frozen_keep_the_token_out_of_the_repr_and_find_a_backend()
     assert settings.backend("127.0.0.1:9002") is settings.backends[1]
 
 
+def test_a_password_in_redis_url_stays_out_of_the_repr():
+    settings = load_settings(environ={"REDIS_URL": "redis://:pa55word@redis.internal:6379/0"})
+    assert settings.redis_url == "redis://:pa55word@redis.internal:6379/0"
+    assert "pa55word" not in repr(settings)
+
+
 def argv_of(script: str) -> tuple[list[str], dict[str, int]]:
     """The names in a script's ARGV header, in order, and the ARGV index each local reads."""
     source = load_lua(script)

@@ -19,6 +19,7 @@ class Setting:
     unit: str
     meaning: str
     script: str = ""  # the scorer/lua script whose ARGV carries it, if any
+    private: bool = False  # may carry a password (a URL): kept out of the repr too
 
     def __post_init__(self) -> None:
         if self.script and self.script not in SCRIPTS:
@@ -36,4 +37,4 @@ class Setting:
     @property
     def secret(self) -> bool:
         """A secret is never shown, not even in the repr of the settings."""
-        return self.unit == "secret"
+        return self.unit == "secret" or self.private

@@ -158,7 +158,7 @@ TABLE: tuple[Setting, ...] = (
             "`rediss+cluster://`) selects Redis Cluster, any node as the entry point. A "
             "password goes in the URL: `redis://:password@host:6379/0`, or with an ACL user "
             "`redis://user:password@host:6379/0` (percent-encode `@`, `:` and `/` in it); "
-            "`/status` shows it as `***`."),
+            "`/status` shows it as `***`.", private=True),
     Setting("LB_REDIS_RETRY_S", "1", parse_seconds, "s",
             "While Redis is unreachable each worker serves from its own in-process state "
             "and checks Redis again this often."),
