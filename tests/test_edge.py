@@ -136,8 +136,9 @@ def test_after_a_request_the_connection_is_idle_again():
     assert conn.phase == IDLE and conn.recv(100) == b""  # keep-alive time over
 
 
-def connections(cap: int, per_client: int = 0, exempt=lambda peer: False) -> ClientConnections:
-    return ClientConnections(cap, per_client, exempt)
+def connections(cap: int, per_client: int = 0, exempt=lambda peer: False,
+                clock=lambda: 0.0) -> ClientConnections:
+    return ClientConnections(cap, per_client, exempt, clock=clock)
 
 
 def conn_from(peer: str, phase: str = IDLE, since: float = 0.0) -> ClientSocket:
@@ -165,9 +166,8 @@ def test_busy_connections_are_never_evicted_and_a_newcomer_then_gets_503():
     assert b"503" in BUSY_ANSWER.split(b"\r\n")[0]
 
 
-def test_a_slow_head_makes_room_when_nothing_is_idle(monkeypatch):
-    monkeypatch.setattr("apps.lb.clientcaps.time.monotonic", lambda: 100.0)
-    pool = connections(cap=1)
+def test_a_slow_head_makes_room_when_nothing_is_idle():
+    pool = connections(cap=1, clock=lambda: 100.0)
     slow = conn_from("a", phase=HEAD, since=90.0)  # 10 s into its head
     assert pool.admit(slow) and pool.admit(conn_from("b"))
     assert slow.cut

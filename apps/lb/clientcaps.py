@@ -24,8 +24,10 @@ class ClientConnections:
     """The connections one worker holds, against its caps."""
 
     def __init__(self, cap: int, per_client: int, exempt: Callable[[str], bool],
-                 on_change: Callable[[int, int], None] = lambda open_, busy: None) -> None:
+                 on_change: Callable[[int, int], None] = lambda open_, busy: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cap, self.per_client, self.exempt = cap, per_client, exempt
+        self.clock = clock
         self.open: set[ClientSocket] = set()
         self.by_peer: Counter[str] = Counter()
         self.busy = 0
@@ -72,7 +74,7 @@ class ClientConnections:
 
     def _make_room(self, among: Any) -> bool:
         """Evict the connection idle longest, or else the slowest head; False if none."""
-        now = time.monotonic()
+        now = self.clock()
         idle = [c for c in among if c.phase == IDLE]
         slow = [c for c in among if c.phase == HEAD and now - c.since > SLOW_HEAD_S]
         victims = idle or slow
