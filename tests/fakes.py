@@ -14,7 +14,7 @@ from typing import Iterator
 import urllib3
 
 from apps.lb.upstream import UpstreamError
-from scorer.pool import CONNECT, PROTOCOL, TIMEOUT
+from apps.lb.policy import BROKEN, CONNECT_REFUSED, READ_TIMEOUT
 from apps.config import Backend
 
 
@@ -68,16 +68,16 @@ class FakeUpstreams:
         reply = self.replies.pop(0) if self.replies else Reply()
         if reply.fault == "refused":  # as open_connection: nothing was sent
             self.sent.append(Sent(backend.id, method, headers, None, timeout))
-            raise UpstreamError(CONNECT, "connection refused or unreachable", delivered=False)
+            raise UpstreamError(CONNECT_REFUSED, "connection refused or unreachable")
         received = body if isinstance(body, bytes) or body is None else b"".join(body)
         self.sent.append(Sent(backend.id, method, headers, received or b"", timeout))
         if reply.fault == "bug":  # Upstreams.send lets what it does not know pass
             raise RuntimeError("not a backend's fault")
         if reply.fault == "reset":
-            raise UpstreamError(PROTOCOL, "connection broken: ConnectionResetError()")
+            raise UpstreamError(BROKEN, "connection broken: ConnectionResetError()")
         if reply.delay > timeout.read_timeout:  # as urllib3: waits that long, then gives up
             self.clock.advance(timeout.read_timeout)
-            raise UpstreamError(TIMEOUT, "timed out waiting for an answer")
+            raise UpstreamError(READ_TIMEOUT, "timed out waiting for an answer")
         self.clock.advance(reply.delay)
         length = len(reply.body) + (1 if reply.fault == "cut" else 0)
         return urllib3.HTTPResponse(io.BytesIO(reply.body), status=reply.status,

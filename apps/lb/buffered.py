@@ -24,7 +24,7 @@ from urllib3.exceptions import HTTPError
 from apps.lb.body import let_others_run
 from apps.lb.relay import Ending
 from apps.lb.upstream import STREAM_CHUNK, UpstreamError, classify
-from scorer.pool import PROTOCOL
+from apps.lb.policy import BROKEN
 
 
 class BufferedBody:
@@ -100,7 +100,7 @@ class BufferedBody:
             error = None if self._closed else classify(exc)
         except Exception as exc:  # a socket shut by close(), or the file's disk full
             error = None if self._closed else UpstreamError(
-                PROTOCOL, f"relaying the answer failed: {type(exc).__name__}: {exc}")
+                BROKEN, f"relaying the answer failed: {type(exc).__name__}: {exc}")
         with self._cond:
             complete = error is None and not self._closed
             self._done, self._error = True, error

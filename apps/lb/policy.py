@@ -28,9 +28,9 @@ class Fault:
     delivered: bool
 
 
-# What apps/lb/upstream.py raises for each failure (`open_connection`, `classify`;
-# tests/test_policy.py pins the two together). Whatever fails before the
-# connection is open, TLS handshake included, never reached the backend.
+# Every UpstreamError (apps/lb/upstream.py) is raised with one of these, so the
+# proxy and the simulator read delivery from one table. Whatever fails before
+# the connection is open, TLS handshake included, never reached the backend.
 CONNECT_REFUSED = Fault(CONNECT, delivered=False)  # refused, unreachable, or address policy
 CONNECT_TIMEOUT = Fault(TIMEOUT, delivered=False)
 TLS_HANDSHAKE = Fault(CONNECT, delivered=False)

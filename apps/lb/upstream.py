@@ -26,7 +26,9 @@ from urllib3.util import SKIP_HEADER
 from urllib3.util.ssl_match_hostname import CertificateError
 
 from apps.lb.addresses import AddressPolicy, AddressRefused, guarded_connections
-from scorer.pool import CONNECT, PROTOCOL, TIMEOUT
+from apps.lb.policy import (
+    BROKEN, CONNECT_REFUSED, CONNECT_TIMEOUT, READ_TIMEOUT, TLS_HANDSHAKE, Fault,
+)
 from apps.config import Backend, Settings
 
 NO_RETRIES = urllib3.Retry(False)
@@ -36,26 +38,25 @@ STREAM_CHUNK = 64 * 1024
 
 
 class UpstreamError(Exception):
-    """An attempt that produced no HTTP answer; `kind` is CONNECT, TIMEOUT or PROTOCOL.
+    """An attempt that produced no HTTP answer: one of policy.py's faults, whose
+    `kind` (CONNECT, TIMEOUT or PROTOCOL) the scorer is told and whose
+    `delivered` is False when nothing reached the backend, so that any request
+    may safely be sent elsewhere."""
 
-    `delivered` is False when no connection was made, so nothing reached the
-    backend and any request may safely be sent elsewhere.
-    """
-
-    def __init__(self, kind: str, detail: str, delivered: bool = True) -> None:
+    def __init__(self, fault: Fault, detail: str) -> None:
         super().__init__(detail)
-        self.kind = kind
-        self.delivered = delivered
+        self.kind = fault.kind
+        self.delivered = fault.delivered
 
 
 def classify(exc: HTTPError) -> UpstreamError:
     """Turn a urllib3 failure on an open connection into an UpstreamError (the
     request may have reached the backend)."""
     if isinstance(exc, ReadTimeoutError):
-        return UpstreamError(TIMEOUT, "timed out waiting for an answer")
+        return UpstreamError(READ_TIMEOUT, "timed out waiting for an answer")
     if isinstance(exc, ProtocolError):
-        return UpstreamError(PROTOCOL, f"connection broken: {exc.args[-1]!r}")
-    return UpstreamError(PROTOCOL, f"{type(exc).__name__}: {exc}")
+        return UpstreamError(BROKEN, f"connection broken: {exc.args[-1]!r}")
+    return UpstreamError(BROKEN, f"{type(exc).__name__}: {exc}")
 
 
 def open_connection(conn: HTTPConnection, timeout: urllib3.Timeout) -> None:
@@ -71,14 +72,13 @@ def open_connection(conn: HTTPConnection, timeout: urllib3.Timeout) -> None:
     # NewConnectionError subclasses ConnectTimeoutError, so it is tested first.
     except NewConnectionError as exc:
         if isinstance(exc.__cause__, AddressRefused):
-            raise UpstreamError(CONNECT, f"refused by the address policy: {exc.__cause__}",
-                                delivered=False) from exc
-        raise UpstreamError(CONNECT, "connection refused or unreachable",
-                            delivered=False) from exc
+            raise UpstreamError(CONNECT_REFUSED,
+                                f"refused by the address policy: {exc.__cause__}") from exc
+        raise UpstreamError(CONNECT_REFUSED, "connection refused or unreachable") from exc
     except (ConnectTimeoutError, TimeoutError) as exc:  # TimeoutError: in the handshake
-        raise UpstreamError(TIMEOUT, "timed out connecting", delivered=False) from exc
+        raise UpstreamError(CONNECT_TIMEOUT, "timed out connecting") from exc
     except (HTTPError, OSError, CertificateError) as exc:  # what is left is the handshake
-        raise UpstreamError(CONNECT, f"TLS handshake failed: {exc}", delivered=False) from exc
+        raise UpstreamError(TLS_HANDSHAKE, f"TLS handshake failed: {exc}") from exc
 
 
 class Upstreams:
@@ -153,7 +153,7 @@ class Upstreams:
         if response.status < 200:
             # http.client skips only 100 Continue; a 102/103 would pass for the answer.
             discard(response)
-            raise UpstreamError(PROTOCOL, f"interim answer {response.status} is not supported")
+            raise UpstreamError(BROKEN, f"interim answer {response.status} is not supported")
         return response
 
 
