@@ -80,6 +80,8 @@ def describe_backend(state: Mapping[str, str]) -> dict[str, Any]:
         "block_reason": b.text("block_reason"),
         "trial": {"1": "offered", "2": "in flight"}.get(b.text("trial") or "", None),
         "ramp_started_at": b.number("ramp_at") or None,
+        # Its share per turn of the cursor among unblocked backends (pick.lua).
+        "share": b.number("share") if b.has("share") else 1.0,
         "checks": {"passed": int(b.number("checks_passed")),
                    "failed": int(b.number("checks_failed")),
                    "passing_streak": int(b.number("check_ok_streak")),

@@ -262,6 +262,26 @@ TABLE: tuple[Setting, ...] = (
     Setting("LB_SLOW_START_S", "5", number(0), "s",
             "A backend back from a block ramps its share up linearly over this time; 0: "
             "full share at once.", script="pick"),
+    # Shares that follow latency, among unblocked backends (pick.lua).
+    Setting("LB_SHARE_BAND_RATIO", "0.25", number(0), "fraction",
+            "A backend whose smoothed latency (failures priced in) is within this much "
+            "above the fastest unblocked backend's keeps a full share per turn of the "
+            "cursor...", script="pick"),
+    Setting("LB_SHARE_BAND_MS", "2", number(0), "ms",
+            "...or within this many ms of it, whichever is wider: a healthy pool splits "
+            "exactly evenly.", script="pick"),
+    Setting("LB_SHARE_MIN_SAMPLES", "20", number(0), "requests",
+            "A backend's share follows its latency only once its smoothed latency rests "
+            "on this much (time-decayed) weight of requests; until then, a full share. "
+            "More than LB_LATENCY_MIN_SAMPLES: a share moves on smaller differences than "
+            "a block, so it needs a steadier mean.", script="pick"),
+    Setting("LB_SHARE_POWER", "2", number(0), "x",
+            "Past that bar, a backend's share is (bar / its latency) to this power: twice "
+            "as slow as the bar, a quarter share at 2. 0 turns shares off (plain round "
+            "robin among unblocked backends).", script="pick"),
+    Setting("LB_SHARE_FLOOR", "0.05", number(0, 1, low_open=True), "fraction",
+            "Least share of an unblocked backend, so that it stays measured; a backend "
+            "past the blocking bar is blocked instead.", script="pick"),
     Setting("LB_MAX_BLOCKED_SHARE", "1", number(0, 1), "fraction",
             "At most this share of the pool is blocked at once...", script="report"),
     Setting("LB_MIN_UNBLOCKED", "1", number(0, integer=True), "backends",

@@ -12,6 +12,6 @@ local function end_block(key, now)
     redis.call('HSET', key, 'in_block', 0, 'trial', 0, 'trial_streak', 0, 'score', 0,
                'blocked_turns', 0)
     if now ~= nil then
-        redis.call('HSET', key, 'ramp_at', now, 'ramp_credit', 0)
+        redis.call('HSET', key, 'ramp_at', now, 'credit', 0)
     end
 end

@@ -17,10 +17,15 @@
 -- ARGV[8]  check_interval_s    the health checker's interval (0: no active checks)
 -- ARGV[9]  slow_start_s        time a backend back from a block takes to ramp up to
 --                              its full share
--- ARGV[10] weights             comma-separated weight per backend, '' for all 1:
+-- ARGV[10] share_band_ratio    a backend within this much above the fastest...
+-- ARGV[11] share_band_ms       ...or this many ms (the wider) keeps a full share
+-- ARGV[12] share_min_samples   a share follows latency only on this much weight
+-- ARGV[13] share_power         beyond the bar, a share is (bar / latency)^power; 0: off
+-- ARGV[14] share_floor         ...and at least this
+-- ARGV[15] weights             comma-separated weight per backend, '' for all 1:
 --                              a backend of weight w is picked w times in a row
 --                              per turn of the cursor; weight 0 is never picked
--- ARGV[11] known_version       the membership version ("<rev>:<epoch>", members.lua)
+-- ARGV[16] known_version       the membership version ("<rev>:<epoch>", members.lua)
 --                              the caller's keys and flags are built from
 -- Returns  {index, panic, members_rev}: the 0-based index of the picked backend, 1 when
 --          every candidate was blocked and the lowest score was taken instead
@@ -35,8 +40,14 @@
 -- the backend with its turns used up *and* its minimum end time (block_until)
 -- passed: its score restarts from 0 and it is picked at once. A blocked backend
 -- whose health checks passed (trial = 1, set by report.lua) gets one trial
--- request instead (report.lua judges it, and may offer the next). A backend back from a block ramps its share up over
--- slow_start_s (the ramp is skipped like a busy backend, never panicked over).
+-- request instead (report.lua judges it, and may offer the next).
+-- Shares: a backend's share per turn is 1, or less when its smoothed latency
+-- (from report.lua, failures priced in) is past the bar that the fastest unblocked
+-- backend sets (shares below); a backend back from a block ramps its share up
+-- over slow_start_s, and the two multiply. A share below 1 is carried by a
+-- fractional credit: each pass adds the share, a whole credit buys one pick, so
+-- every worker and host sees the same deterministic sequence. A backend skipped
+-- for its share is still taken before the cursor gives up (its credit then owes).
 -- When every candidate is blocked or busy the request still goes somewhere: to
 -- a busy unblocked backend if there is one, else a blocked one; the lowest
 -- score first, ties broken in cursor order (panic mode), and it is counted.
@@ -50,8 +61,13 @@ local retry_budget_min = tonumber(ARGV[6])
 local retry_budget_tau_s = tonumber(ARGV[7])
 local check_interval_s = tonumber(ARGV[8])
 local slow_start_s = tonumber(ARGV[9])
+local share_band_ratio = tonumber(ARGV[10])
+local share_band_ms = tonumber(ARGV[11])
+local share_min_samples = tonumber(ARGV[12])
+local share_power = tonumber(ARGV[13])
+local share_floor = tonumber(ARGV[14])
 local weights = {}
-for weight in string.gmatch(ARGV[10] or '', '[^,]+') do
+for weight in string.gmatch(ARGV[15] or '', '[^,]+') do
     weights[#weights + 1] = tonumber(weight)
 end
 
@@ -71,7 +87,7 @@ local budget = redis.call('HMGET', pool_key, 'cursor', 'req_sum', 'retry_sum', '
 local last = tonumber(budget[1]) or -1
 local rev = tonumber(budget[5]) or 0
 local served = num(budget[6])
-if ARGV[11] ~= (budget[5] or '0') .. ':' .. (budget[7] or '') then
+if ARGV[16] ~= (budget[5] or '0') .. ':' .. (budget[7] or '') then
     return {-2, 0, rev}
 end
 local budget_fade = math.exp(-math.max(0, now - num(budget[4])) / retry_budget_tau_s)
@@ -93,20 +109,67 @@ local function take(index, counter)
     return {index, counter == 'panic_picks' and 1 or 0, rev}
 end
 
--- The cursor stays on a backend until it has served its weight in this turn.
+-- Shares. The bar is the fastest unblocked backend's smoothed latency (its
+-- geometric mean, failures priced in: report.lua's log_lat_sum), widened
+-- by the dead band; a slower one's share shrinks as (bar / latency)^power, to
+-- the floor. The fastest sets the bar, not the pool's average: slow traffic
+-- would pull an average up until the backends it should shrink fit under it.
+-- A backend whose mean rests on too few samples keeps a full share.
+local shares = {}
+if honour_blocks and share_power > 0 then
+    local judged, fastest = {}, nil
+    for index = 0, n - 1 do
+        local b = redis.call('HMGET', KEYS[index + 2], 'in_block', 'log_lat_sum', 'lat_weight',
+                             'share')
+        local latency = math.exp(num(b[2]) / math.max(num(b[3]), 1e-9))
+        -- The samples asked for scale with the share it has, as its traffic does:
+        -- a backend held at the floor is still judged on its few requests, and
+        -- one that fell silent (a block, an idle spell) starts from a full share.
+        local enough = share_min_samples * (tonumber(b[4]) or 1)
+        if b[1] ~= '1' and num(b[3]) >= math.max(enough, 1e-9)
+                and (weights[index + 1] or 1) > 0 then
+            judged[index] = latency
+            fastest = math.min(fastest or latency, latency)
+        end
+        shares[index] = {stored = b[4]}
+    end
+    for index = 0, n - 1 do
+        local share, latency = 1, judged[index]
+        if latency then
+            local bar = math.max(fastest * (1 + share_band_ratio), fastest + share_band_ms)
+            if latency > bar then
+                share = math.max(share_floor, (bar / latency) ^ share_power)
+            end
+        end
+        -- Three digits: what /status shows is what the credit runs on, and noise
+        -- in the last digits neither writes every pick nor misses a whole share.
+        local shown = string.format('%.3g', share)
+        shares[index].value = tonumber(shown)
+        if shares[index].stored ~= shown and (shares[index].stored or '1') ~= shown then
+            redis.call('HSET', KEYS[index + 2], 'share', shown)
+        end
+    end
+end
+local function share_of(index)
+    return shares[index] and shares[index].value or 1
+end
+
+-- The cursor stays on a backend until it has served its weight in this turn:
+-- staying put is part of the pick its credit already bought.
 local first_step = 1
 if last >= 0 and last < n and served < (weights[last + 1] or 1) then
     first_step = 0
 end
 
 local blocked_at = {}
+local owed = nil  -- the first backend skipped for its share alone: taken before giving up
 for step = first_step, first_step + n - 1 do
     local index = (last + step) % n
     local key = KEYS[index + 2]
-    local blocked, ramping = false, false
+    local blocked, short = false, false
     if honour_blocks then
         local state = redis.call('HMGET', key, 'in_block', 'blocked_turns', 'block_until',
-                                 'trial', 'ramp_at', 'ramp_credit', 'last_check',
+                                 'trial', 'ramp_at', 'credit', 'last_check',
                                  'last_check_outcome')
         if state[1] == '1' then
             local turns = num(state[2])
@@ -132,23 +195,39 @@ for step = first_step, first_step + n - 1 do
                 state[5], state[6] = now, 0
             end
         end
-        if not blocked and num(state[5]) > 0 then
-            -- Slow start: a share growing linearly over slow_start_s. Each pass adds
-            -- the current fraction to a credit; a whole credit buys one pick.
-            local ramp = (now - num(state[5])) / slow_start_s
-            if slow_start_s <= 0 or ramp >= 1 then
-                redis.call('HDEL', key, 'ramp_at', 'ramp_credit')
-            else
-                local credit = num(state[6]) + math.max(ramp, 0.05)
-                ramping = credit < 1
-                redis.call('HSET', key, 'ramp_credit', ramping and credit or credit - 1)
+        if not blocked and step > 0 and flag(index) == '.' then
+            local share = share_of(index)
+            if num(state[5]) > 0 then
+                -- Slow start: a share growing linearly over slow_start_s.
+                local ramp = (now - num(state[5])) / slow_start_s
+                if slow_start_s <= 0 or ramp >= 1 then
+                    redis.call('HDEL', key, 'ramp_at')
+                else
+                    share = share * math.max(ramp, 0.05)
+                end
+            end
+            if share < 1 then
+                local credit = num(state[6]) + share
+                short = credit < 1 - 1e-9  -- ten passes of 0.1 make a whole credit
+                redis.call('HSET', key, 'credit', short and credit or credit - 1)
+                if short and owed == nil then owed = index end
+            elseif state[6] then
+                redis.call('HDEL', key, 'credit')
             end
         end
     end
-    if not blocked and not ramping and flag(index) == '.' then
+    if not blocked and not short and flag(index) == '.' then
         return take(index, nil)
     end
     blocked_at[index] = blocked
+end
+
+-- Every eligible backend was short of credit (the fast ones busy or tried): a
+-- share is a preference, so the first of them is taken, on credit.
+if owed ~= nil then
+    local key = KEYS[owed + 2]
+    redis.call('HINCRBYFLOAT', key, 'credit', -1)
+    return take(owed, nil)
 end
 
 -- A retry goes only to a healthy backend this request has not tried: never to
