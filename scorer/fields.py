@@ -43,6 +43,7 @@ BACKEND = _layout(
     ("lat_sum", "report", "report status", "decayed latency sum (failures priced)", RESET),
     ("lat_weight", "report", "report pick status", "its decayed weight", RESET),
     ("log_lat_sum", "report", "report pick", "decayed sum of ln(latency), same weight", RESET),
+    ("log_sq_sum", "report", "report pick", "decayed sum of ln(latency)^2: its spread", RESET),
     ("err_sum", "report", "report status", "decayed count of failures", RESET),
     ("err_weight", "report", "report status", "decayed count of outcomes", RESET),
     ("in_block", "report pick", "report pick status", "1 while blocked", RESET),

@@ -60,5 +60,6 @@ def test_the_dashboard_shows_the_pool_live_in_a_real_browser(redis_server, tmp_p
         assert f'data-backend="{echo.removeprefix("http://")}"' in dom
     assert 'class="state blocked"' in dom and "reached" in dom  # the block and its reason
     assert dom.count('class="state healthy"') == 2
+    assert dom.count('<td class="num">1.00</td>') == 2  # each healthy one's full share
     assert "<polyline" in dom  # the charts are drawn
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000

@@ -74,7 +74,7 @@ def test_the_fastest_sets_the_bar_so_slow_traffic_cannot_raise_it(any_redis, clo
 
 
 def test_failures_are_priced_into_the_latency_that_sets_a_share(any_redis, clock):
-    pool = make_pool(any_redis, clock, **NO_BLOCKS, LB_ERROR_POINTS="0")
+    pool = make_pool(any_redis, clock, **NO_BLOCKS, LB_ERROR_POINTS="0", LB_SHARE_NOISE_Z="0")
     teach(pool, [4, 4, 4])
     for _ in range(20):  # as fast as the others, but failing one in two
         report(pool, 2, 4, status=500)
@@ -93,6 +93,25 @@ def test_a_rare_spike_does_not_cut_a_share(any_redis, clock):
     teach(pool, [4, 4, 4], samples=39)
     report(pool, 2, 300)
     assert counts(pool, 300) == [100, 100, 100]
+
+
+def test_a_difference_within_noise_keeps_a_full_share(any_redis, clock):
+    # Both have a geometric mean of 8 ms against the fastest's 4 ms (bar 6 ms); the
+    # steady one is cut to (6/8)^2, the noisy one (4 and 16 ms in turn) is not yet
+    # sure to be slower: three standard errors of 20 such samples widen its bar.
+    pool = make_pool(any_redis, clock, backends=FOUR, **NO_BLOCKS)
+    teach(pool, [4, 4, 8], samples=20)
+    for _ in range(10):
+        report(pool, 3, 4)
+        report(pool, 3, 16)
+    pool.pick()
+    assert state(pool, 2)["share"] == pytest.approx((6 / 8) ** 2, abs=1e-3)
+    assert state(pool, 3)["share"] == 1.0
+    for _ in range(200):  # with ten times the samples it is sure
+        report(pool, 3, 4)
+        report(pool, 3, 16)
+    pool.pick()
+    assert state(pool, 3)["share"] < 0.8
 
 
 def test_too_few_samples_keep_a_full_share(any_redis, clock):

@@ -20,12 +20,13 @@
 -- ARGV[10] share_band_ratio    a backend within this much above the fastest...
 -- ARGV[11] share_band_ms       ...or this many ms (the wider) keeps a full share
 -- ARGV[12] share_min_samples   a share follows latency only on this much weight
--- ARGV[13] share_power         beyond the bar, a share is (bar / latency)^power; 0: off
--- ARGV[14] share_floor         ...and at least this
--- ARGV[15] weights             comma-separated weight per backend, '' for all 1:
+-- ARGV[13] share_noise_z       the bar widens by this many standard errors
+-- ARGV[14] share_power         beyond the bar, a share is (bar / latency)^power; 0: off
+-- ARGV[15] share_floor         ...and at least this
+-- ARGV[16] weights             comma-separated weight per backend, '' for all 1:
 --                              a backend of weight w is picked w times in a row
 --                              per turn of the cursor; weight 0 is never picked
--- ARGV[16] known_version       the membership version ("<rev>:<epoch>", members.lua)
+-- ARGV[17] known_version       the membership version ("<rev>:<epoch>", members.lua)
 --                              the caller's keys and flags are built from
 -- Returns  {index, panic, members_rev}: the 0-based index of the picked backend, 1 when
 --          every candidate was blocked and the lowest score was taken instead
@@ -64,10 +65,11 @@ local slow_start_s = tonumber(ARGV[9])
 local share_band_ratio = tonumber(ARGV[10])
 local share_band_ms = tonumber(ARGV[11])
 local share_min_samples = tonumber(ARGV[12])
-local share_power = tonumber(ARGV[13])
-local share_floor = tonumber(ARGV[14])
+local share_noise_z = tonumber(ARGV[13])
+local share_power = tonumber(ARGV[14])
+local share_floor = tonumber(ARGV[15])
 local weights = {}
-for weight in string.gmatch(ARGV[15] or '', '[^,]+') do
+for weight in string.gmatch(ARGV[16] or '', '[^,]+') do
     weights[#weights + 1] = tonumber(weight)
 end
 
@@ -87,7 +89,7 @@ local budget = redis.call('HMGET', pool_key, 'cursor', 'req_sum', 'retry_sum', '
 local last = tonumber(budget[1]) or -1
 local rev = tonumber(budget[5]) or 0
 local served = num(budget[6])
-if ARGV[16] ~= (budget[5] or '0') .. ':' .. (budget[7] or '') then
+if ARGV[17] ~= (budget[5] or '0') .. ':' .. (budget[7] or '') then
     return {-2, 0, rev}
 end
 local budget_fade = math.exp(-math.max(0, now - num(budget[4])) / retry_budget_tau_s)
@@ -110,33 +112,42 @@ local function take(index, counter)
 end
 
 -- Shares. The bar is the fastest unblocked backend's smoothed latency (its
--- geometric mean, failures priced in: report.lua's log_lat_sum), widened
--- by the dead band; a slower one's share shrinks as (bar / latency)^power, to
--- the floor. The fastest sets the bar, not the pool's average: slow traffic
--- would pull an average up until the backends it should shrink fit under it.
--- A backend whose mean rests on too few samples keeps a full share.
+-- geometric mean, failures priced in: report.lua's log_lat_sum), widened by the
+-- dead band; a slower one's share shrinks as (bar / latency)^power, to the
+-- floor. The fastest sets the bar, not the pool's average: slow traffic would
+-- pull an average up until the backends it should shrink fit under it. And the
+-- bar widens by share_noise_z standard errors of the two means' difference, so
+-- that a share moves only on a difference beyond noise: a few noisy samples
+-- never split a healthy pool unevenly. A backend whose mean rests on too few
+-- samples keeps a full share.
 local shares = {}
 if honour_blocks and share_power > 0 then
     local judged, fastest = {}, nil
     for index = 0, n - 1 do
         local b = redis.call('HMGET', KEYS[index + 2], 'in_block', 'log_lat_sum', 'lat_weight',
-                             'share')
-        local latency = math.exp(num(b[2]) / math.max(num(b[3]), 1e-9))
+                             'log_sq_sum', 'share')
+        local weight = num(b[3])
         -- The samples asked for scale with the share it has, as its traffic does:
         -- a backend held at the floor is still judged on its few requests, and
         -- one that fell silent (a block, an idle spell) starts from a full share.
-        local enough = share_min_samples * (tonumber(b[4]) or 1)
-        if b[1] ~= '1' and num(b[3]) >= math.max(enough, 1e-9)
+        local enough = share_min_samples * (tonumber(b[5]) or 1)
+        if b[1] ~= '1' and weight >= math.max(enough, 1e-9)
                 and (weights[index + 1] or 1) > 0 then
-            judged[index] = latency
-            fastest = math.min(fastest or latency, latency)
+            local mean = num(b[2]) / weight
+            -- The variance of a mean of `weight` samples (ln ms).
+            local spread = math.max(0, num(b[4]) / weight - mean * mean) / weight
+            judged[index] = {mean = mean, spread = spread}
+            if fastest == nil or mean < fastest.mean then fastest = judged[index] end
         end
-        shares[index] = {stored = b[4]}
+        shares[index] = {stored = b[5]}
     end
     for index = 0, n - 1 do
-        local share, latency = 1, judged[index]
-        if latency then
-            local bar = math.max(fastest * (1 + share_band_ratio), fastest + share_band_ms)
+        local share, own = 1, judged[index]
+        if own then
+            local best = math.exp(fastest.mean)
+            local bar = math.max(best * (1 + share_band_ratio), best + share_band_ms)
+                * math.exp(share_noise_z * math.sqrt(own.spread + fastest.spread))
+            local latency = math.exp(own.mean)
             if latency > bar then
                 share = math.max(share_floor, (bar / latency) ^ share_power)
             end
