@@ -9,8 +9,9 @@ import pytest
 from scorer.pool import Outcome
 from tests.pools import BACKENDS, Clock, make_pool, ports, put, report, state
 
-# Slowness never blocks here, so that the shares alone decide.
-NO_BLOCKS = {"LB_SLOW_POINTS": "0"}
+# Slowness never blocks here, so that the shares alone decide; and power 2, whose
+# shares are easy to count.
+NO_BLOCKS = {"LB_SLOW_POINTS": "0", "LB_SHARE_POWER": "2"}
 FOUR = BACKENDS + ",http://127.0.0.1:9004"
 
 
@@ -98,7 +99,7 @@ def test_a_rare_spike_does_not_cut_a_share(any_redis, clock):
 def test_a_difference_within_noise_keeps_a_full_share(any_redis, clock):
     # Both have a geometric mean of 8 ms against the fastest's 4 ms (bar 6 ms); the
     # steady one is cut to (6/8)^2, the noisy one (4 and 16 ms in turn) is not yet
-    # sure to be slower: three standard errors of 20 such samples widen its bar.
+    # sure to be slower: two standard errors of 20 such samples widen its bar.
     pool = make_pool(any_redis, clock, backends=FOUR, **NO_BLOCKS)
     teach(pool, [4, 4, 8], samples=20)
     for _ in range(10):
@@ -133,7 +134,7 @@ def test_a_backend_held_low_is_judged_on_its_fewer_samples(any_redis, clock):
 
 
 def test_power_zero_turns_shares_off(any_redis, clock):
-    pool = make_pool(any_redis, clock, LB_SHARE_POWER="0", **NO_BLOCKS)
+    pool = make_pool(any_redis, clock, **{**NO_BLOCKS, "LB_SHARE_POWER": "0"})
     teach(pool, [4, 4, 40])
     assert counts(pool, 300) == [100, 100, 100]
 

@@ -275,14 +275,14 @@ TABLE: tuple[Setting, ...] = (
             "on this much (time-decayed) weight of requests; until then, a full share. "
             "More than LB_LATENCY_MIN_SAMPLES: a share moves on smaller differences than "
             "a block, so it needs a steadier mean.", script="pick"),
-    Setting("LB_SHARE_NOISE_Z", "3", number(0), "standard errors",
+    Setting("LB_SHARE_NOISE_Z", "2", number(0), "standard errors",
             "The bar also widens by this many standard errors of the difference between "
             "the two means (in logs), so that a share moves only on a difference beyond "
             "noise: a few noisy samples never split a healthy pool unevenly.", script="pick"),
-    Setting("LB_SHARE_POWER", "2", number(0), "x",
-            "Past that bar, a backend's share is (bar / its latency) to this power: twice "
-            "as slow as the bar, a quarter share at 2. 0 turns shares off (plain round "
-            "robin among unblocked backends).", script="pick"),
+    Setting("LB_SHARE_POWER", "6", number(0), "x",
+            "Past that bar, a backend's share is (bar / its latency) to this power: 12 % "
+            "slower than the bar, half a share; 50 % slower, 9 %. 0 turns shares off "
+            "(plain round robin among unblocked backends).", script="pick"),
     Setting("LB_SHARE_FLOOR", "0.05", number(0, 1, low_open=True), "fraction",
             "Least share of an unblocked backend, so that it stays measured; a backend "
             "past the blocking bar is blocked instead.", script="pick"),
