@@ -58,19 +58,15 @@ class Request:
     """One client request through its attempts, as the proxy's `forward` keeps it."""
 
     id: int
-    client: int
     arrived: float
     deadline: float
-    # Each attempt: when it started, and its backend.
-    attempts: list[tuple[float, Backend]] = field(default_factory=list)
+    tried: list[Backend] = field(default_factory=list)
     # The last failed attempt: its retryable status, or its fault.
     status: int | None = None
     fault: Fault | None = None
     failed: bool = False
-
-    @property
-    def tried(self) -> list[Backend]:
-        return [backend for _, backend in self.attempts]
+    client: int = 0                # the client (a pacing thread) that sent it
+    started: list[float] = field(default_factory=list)  # when each attempt in `tried` began
 
 
 class Simulation:
@@ -161,7 +157,7 @@ class Simulation:
         arrived = self.now
         # As the proxy's, the deadline runs from when a worker takes the request up.
         start = lambda: self.attempt(Request(  # noqa: E731
-            request_id, client, arrived, self.now + self.settings.request_timeout))
+            request_id, arrived, self.now + self.settings.request_timeout, client=client))
         if self.balancer_free > 0:
             self.balancer_free -= 1
             start()
@@ -170,7 +166,7 @@ class Simulation:
 
     def request_done(self, req: Request, backend: Backend | None) -> None:
         self.answered.append(Answered(req.client, req.arrived, self.now,
-                                      tuple((t, b.id) for t, b in req.attempts)))
+                                      tuple(zip(req.started, (b.id for b in req.tried)))))
         if req.failed:
             self.errors += 1
         elif backend is not None:
@@ -213,7 +209,7 @@ class Simulation:
                          delivered=req.fault.delivered if req.fault else True,
                          non_idempotent=self.settings.retry_non_idempotent,
                          body_replayable=True) and \
-            may_start(len(req.attempts), self.settings.retries, req.deadline - self.now)
+            may_start(len(req.tried), self.settings.retries, req.deadline - self.now)
 
     def attempt(self, req: Request) -> None:
         backend = self.choose(req.tried)
@@ -221,9 +217,10 @@ class Simulation:
             req.failed = req.fault is not None or req.status is None or req.status >= 500
             self.request_done(req, None if req.failed else req.tried[-1])
             return
-        if req.attempts:
+        if req.tried:
             self.retries += 1
-        req.attempts.append((self.now, backend))
+        req.tried.append(backend)
+        req.started.append(self.now)
         sim = self.by_id[backend.id]
         # Every instance starts with the run: its phase follows the virtual clock.
         draw = simulate.draw(sim.profile, str(req.id), self.now)
