@@ -31,8 +31,10 @@ SUITES = {
     "full": (list(range(1, 21)), [3, 5, 8], 10000, 3),
     "quick": ([1, 2], [3], 1000, 1),
 }
-# Suites of named pools instead of seeds (bench/mixed_scenarios.py): (requests, repeats).
-NAMED_SUITES = {"issue15": (4000, 2)}
+# Suites of named pools instead of seeds, each pool under its paced load
+# (bench/mixed_scenarios.py): repeats.
+NAMED_SUITES = {"issue15": 2}
+CLOSED_LOOP_CLIENTS = 100          # the seeded suites' clients (the benchmark's workers)
 LIVE_SUITES = {
     "default": ([1, 2, 3, 7], [3, 5], 500, 2),
     "full": (list(range(1, 9)), [3, 5], 1000, 2),
@@ -47,13 +49,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run each cell on a real stack instead of the simulator")
     parser.add_argument("--suite", choices=sorted({*SUITES, *NAMED_SUITES}), default="default",
                         help="issue15: its fixed pools (static_mixed, graded, healthy3, "
-                             "small_fast), with p95 and shares by strategy")
+                             "small_fast) under the live benchmark's paced load, with p95 "
+                             "and shares by strategy")
     parser.add_argument("--seeds", type=_ints, help="override the suite's seeds, e.g. 1,2,3")
     parser.add_argument("--instances", type=_ints, help="override the instance counts, e.g. 3,5")
-    parser.add_argument("--requests", type=int, help="requests per cell")
+    parser.add_argument("--requests", type=int,
+                        help="requests per cell (issue15: rate x duration)")
     parser.add_argument("--repeats", type=int, help="repeats per cell (request-id offsets)")
-    parser.add_argument("--workers", type=int, default=100,
-                        help="concurrent clients (the benchmark's workers)")
+    parser.add_argument("--workers", type=int,
+                        help=f"concurrent clients (the benchmark's workers, default "
+                             f"{CLOSED_LOOP_CLIENTS}); issue15: pacing threads")
     parser.add_argument("--strategies", type=lambda s: s.split(","),
                         default=["round_robin", "scored", "oracle"])
     parser.add_argument("--set", action="append", default=[], metavar="LB_X=VALUE",
@@ -86,18 +91,18 @@ def plan(args: argparse.Namespace) -> list[Cell]:
     instances = args.instances or instances
     requests = args.requests or requests
     repeats = args.repeats or repeats
-    return [Cell(Scenario(seed=seed, instances=n, requests=requests, clients=args.workers,
+    clients = args.workers or CLOSED_LOOP_CLIENTS
+    return [Cell(Scenario(seed=seed, instances=n, requests=requests, clients=clients,
                           id_offset=repeat * ID_OFFSET_STEP), strategy, repeat)
             for seed in seeds for n in instances for repeat in range(repeats)
             for strategy in strategies]
 
 
 def plan_named(args: argparse.Namespace, strategies: list[str]) -> list[Cell]:
-    requests, repeats = NAMED_SUITES[args.suite]
-    return [Cell(sim_scenario(name, args.requests or requests, args.workers,
-                              repeat * ID_OFFSET_STEP), strategy, repeat)
-            for name in sim_names() for repeat in range(args.repeats or repeats)
-            for strategy in strategies]
+    repeats = args.repeats or NAMED_SUITES[args.suite]
+    return [Cell(sim_scenario(name, repeat * ID_OFFSET_STEP, args.requests, args.workers),
+                 strategy, repeat)
+            for name in sim_names() for repeat in range(repeats) for strategy in strategies]
 
 
 def run(args: argparse.Namespace) -> int:

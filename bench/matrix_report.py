@@ -10,6 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Iterable
 
+from bench.mixed_report import WARMUP_S
+
 
 # --- summary: the targets -------------------------------------------------------
 
@@ -218,18 +220,36 @@ def _pct(value: float | None) -> str:
 
 
 def format_p95_shares(rows: list[dict[str, Any]]) -> str:
-    """Per scenario and strategy: p95 and error rate (means over repeats) and each
-    backend's share of the successes (over all repeats): where traffic went."""
+    """Per scenario and strategy: error rate and p95, the whole run's and from
+    WARMUP_S on (means over repeats), each backend's share of the successes and
+    its share of the attempts from WARMUP_S on (over all repeats), which is what
+    `bench mixed` judges live."""
     by_cell: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
         by_cell.setdefault((row["scenario"], row["strategy"]), []).append(row)
-    lines = [f"{'scenario':<14}{'strategy':<13}{'err':>7}{'p95':>10}  shares of the successes"]
+    warm = f">{WARMUP_S:g}s"
+    lines = [f"{'scenario':<14}{'strategy':<13}{'err':>7}{'p95':>10}{'p95' + warm:>10}  "
+             f"shares of the successes | of the attempts from {WARMUP_S:g} s on"]
     for (scenario, strategy), cell in sorted(by_cell.items(),
                                              key=lambda k: (_scenario_order(k[0][0]), k[0][1])):
-        counts = [sum(r["shares"].get(b, 0) for r in cell) for b in cell[0]["shares"]]
-        total = sum(counts) or 1
         p95 = statistics.fmean(r.get("p95_ms", math.nan) for r in cell)
+        p95_warm = _mean_or_nan(r.get("p95_after_warmup_ms") for r in cell)
         lines.append(f"{scenario:<14}{strategy:<13}"
-                     f"{statistics.fmean(r['error_rate'] for r in cell):>7.3f}{p95:>8.1f}ms  "
-                     + " ".join(f"{c / total:.1%}" for c in counts))
+                     f"{statistics.fmean(r['error_rate'] for r in cell):>7.3f}{p95:>8.1f}ms"
+                     f"{p95_warm:>8.1f}ms  {_shares(cell, 'shares', '.1%')} | "
+                     f"{_shares(cell, 'attempts_after_warmup', '.2%')}")
     return "\n".join(lines)
+
+
+def _mean_or_nan(values: Iterable[float | None]) -> float:
+    """The mean of the values measured (None: not measured, such as a live row's)."""
+    measured = [v for v in values if v is not None]
+    return statistics.fmean(measured) if measured else math.nan
+
+
+def _shares(cell: list[dict[str, Any]], key: str, spec: str) -> str:
+    """Each backend's share of the counts under `key`, summed over the cell's rows."""
+    backends = cell[0].get(key) or {}
+    counts = [sum(r.get(key, {}).get(b, 0) for r in cell) for b in backends]
+    total = sum(counts)
+    return " ".join(format(c / total, spec) for c in counts) if total else "-"

@@ -27,7 +27,7 @@ import requests
 
 from apps.launch.stack import Proc, start_balancer, start_echo, start_redis
 from bench.mixed_report import WARMUP_S, MixedRun, describe, figures, format_report, targets
-from bench.mixed_scenarios import LIVE
+from bench.mixed_scenarios import DURATION_S, LIVE, RATE, THREADS
 from bench.overhead.servers import start_nginx
 from bench.paced import drive
 
@@ -39,9 +39,10 @@ WORKERS = 2                        # the balancer's Gunicorn workers, and nginx'
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rate", type=float, default=150, help="requests per second")
-    parser.add_argument("--threads", type=int, default=16, help="client threads")
-    parser.add_argument("--duration", type=float, default=15, help="seconds of load per run")
+    parser.add_argument("--rate", type=float, default=RATE, help="requests per second")
+    parser.add_argument("--threads", type=int, default=THREADS, help="client threads")
+    parser.add_argument("--duration", type=float, default=DURATION_S,
+                        help="seconds of load per run")
     parser.add_argument("--only", type=_names(LIVE), default=list(LIVE),
                         help=f"scenarios, comma-separated (default: {','.join(LIVE)})")
     parser.add_argument("--modes", type=_names(MODES), default=list(MODES),

@@ -3,13 +3,20 @@
 
 Each backend is steady (no time variation): a mean latency (the echo's log-normal
 draw around it) and an error rate, as ECHO_MEAN_LATENCY_MS and ECHO_ERROR_RATE give
-an echo instance, and its threads.
+an echo instance, and its threads. The load is the live benchmark's, paced
+(bench/paced.py), in both.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from bench.scenario import Scenario
+
+# The live benchmark's paced load (bench/mixed.py's defaults), which the simulator
+# models too: its warm-up (bench/mixed_report.py's WARMUP_S) is a fifth of the run.
+RATE = 150.0                       # requests per second
+THREADS = 16                       # client threads
+DURATION_S = 15.0                  # seconds of load per run
 
 
 @dataclass(frozen=True)
@@ -36,19 +43,25 @@ LIVE = {
     "healthy3": (Instance(5), Instance(5), Instance(5)),
 }
 # Simulator only: a fast backend with little capacity beside slower ones, so that
-# sending everything to the fastest queues on its 4 threads. Live, a paced 150
-# requests/s never fills 4 threads of 5 ms, so it would show nothing there.
+# sending everything to the fastest queues on its 4 threads. Those serve at most
+# about 4 / 5.5 ms = 730 requests/s: a paced 150 requests/s never fills them (so
+# live it would show nothing), 1000 requests/s does. 64 threads, because 16 could
+# not offer 1000 requests/s at the 20 ms backends' latency (16 / 20.5 ms = 780).
 SIM_ONLY = {
     "small_fast": (Instance(5, threads=4), Instance(20), Instance(20)),
 }
+SIM_LOADS = {"small_fast": (1000.0, 64)}  # (rate, threads) instead of RATE, THREADS
 SLOW_INSTANCE = 1                  # static_mixed's 300 ms backend
 
 
-def sim_scenario(name: str, requests: int, clients: int, id_offset: int) -> Scenario:
-    """The named pool as a simulator scenario (seed 0: only the faults given here)."""
+def sim_scenario(name: str, id_offset: int = 0, requests: int | None = None,
+                 clients: int | None = None) -> Scenario:
+    """The named pool as a simulator scenario (seed 0: only the faults given here),
+    paced as live for DURATION_S unless `requests` or `clients` (threads) say otherwise."""
     pool = {**LIVE, **SIM_ONLY}[name]
-    return Scenario(seed=0, instances=len(pool), requests=requests, clients=clients,
-                    id_offset=id_offset, label=name,
+    rate, threads = SIM_LOADS.get(name, (RATE, THREADS))
+    return Scenario(seed=0, instances=len(pool), requests=requests or round(rate * DURATION_S),
+                    clients=clients or threads, rate=rate, id_offset=id_offset, label=name,
                     faults=tuple((i, b.error_rate, b.latency_ms) for i, b in enumerate(pool)),
                     threads=tuple((i, b.threads) for i, b in enumerate(pool)))
 

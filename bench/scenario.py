@@ -3,7 +3,7 @@ instances it models, the oracle's choice, and the result of one run."""
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
@@ -26,7 +26,11 @@ class Scenario:
     seed: int
     instances: int
     requests: int = 5000
-    clients: int = 100             # the benchmark's workers
+    clients: int = 100             # the benchmark's workers, or pacing threads (`rate`)
+    # Requests per second, paced as bench/paced.py's `drive` paces them from `clients`
+    # threads (the live benchmark's load); 0: a closed loop, each client sending again
+    # as soon as it has its answer.
+    rate: float = 0.0
     balancer_slots: int = 2000     # requests served at once: workers x LB_MAX_CLIENT_CONNECTIONS
     balancer_workers: int = 2      # the in-flight cap is per worker
     backend_threads: int = 64      # each echo instance's threads (the Procfile's)
@@ -62,6 +66,22 @@ class Scenario:
         return profile
 
 
+@dataclass(frozen=True)
+class Answered:
+    """One finished request as its client recorded it: the client (a pacing thread's
+    number), when it was sent and answered, and each attempt: (when it started, the
+    backend's id)."""
+
+    client: int
+    sent: float
+    finished: float
+    attempts: tuple[tuple[float, str], ...]
+
+    @property
+    def latency_s(self) -> float:
+        return self.finished - self.sent
+
+
 @dataclass
 class SimResult:
     """What the clients saw, and what the pool did."""
@@ -79,20 +99,28 @@ class SimResult:
     p95_ms: float  # issue 15's targets are p95s (bench/mixed_report.py)
     p99_ms: float
     max_ms: float
-    virtual_s: float
+    virtual_s: float               # when the last request finished
     retries: int
     blocks: int
     panic_picks: int
     over_cap_picks: int
-    shares: dict[str, int] = field(default_factory=dict)
+    shares: dict[str, int] = field(default_factory=dict)  # successes, the whole run
+    # As bench/mixed_report.py judges a live run, from its warm-up on: the p95 of the
+    # requests sent since (None: none was), and each backend's count of the attempts
+    # started since, retries included.
+    p95_after_warmup_ms: float | None = None
+    attempts_after_warmup: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, s: Scenario, strategy: str, latencies: Sequence[float], *, errors: int,
-           retries: int, virtual_s: float, shares: dict[str, int],
-           status: Mapping[str, Any] | None) -> SimResult:
-        """A run's result from what it counted; `status` is the pool's (None for the
-        oracle, which uses no pool)."""
-        ordered = sorted(latencies)
+    def of(cls, s: Scenario, strategy: str, answered: Sequence[Answered], *, errors: int,
+           retries: int, shares: dict[str, int], status: Mapping[str, Any] | None,
+           warmup_s: float) -> SimResult:
+        """A run's result from its answered requests and what it counted; `status` is
+        the pool's (None for the oracle, which uses no pool)."""
+        ordered = sorted(a.latency_s for a in answered)
+        settled = sorted(a.latency_s for a in answered if a.sent >= warmup_s)
+        attempts = Counter(backend for a in answered for started, backend in a.attempts
+                           if started >= warmup_s)
         return cls(
             scenario=s.name, strategy=strategy, seed=s.seed, instances=s.instances,
             id_offset=s.id_offset, requests=s.requests, errors=errors,
@@ -100,10 +128,12 @@ class SimResult:
             p50_ms=percentile(ordered, 50) * 1000, p90_ms=percentile(ordered, 90) * 1000,
             p95_ms=percentile(ordered, 95) * 1000,
             p99_ms=percentile(ordered, 99) * 1000, max_ms=ordered[-1] * 1000,
-            virtual_s=virtual_s, retries=retries,
+            virtual_s=max(a.finished for a in answered), retries=retries,
             blocks=sum(b["blocks"] for b in status["backends"]) if status else 0,
             panic_picks=status["panic_picks"] if status else 0,
-            over_cap_picks=status["over_cap_picks"] if status else 0, shares=shares)
+            over_cap_picks=status["over_cap_picks"] if status else 0, shares=shares,
+            p95_after_warmup_ms=percentile(settled, 95) * 1000 if settled else None,
+            attempts_after_warmup={b: attempts[b] for b in shares})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -8,7 +8,9 @@ checker call them; the echo backends' fault profiles and per-request draws
 (`apps.echo.profiles`, keyed by the request id as the echo app keys them).
 
 Modelled: the health checker (a probe per backend each LB_CHECK_INTERVAL_S);
-`clients` closed-loop clients, like the threaded benchmark's workers; the
+`clients` closed-loop clients, like the threaded benchmark's workers, or, with a
+`rate`, `clients` pacing threads, as bench/paced.py's `drive` (the live `bench
+mixed` benchmark's load); the
 balancer's connection slots (workers x LB_MAX_CLIENT_CONNECTIONS: beyond them,
 the accept queue); one in-flight count for all workers, against the sum of
 their caps; each echo instance (bench/scenario.py: a thread pool with a queue,
@@ -39,7 +41,8 @@ from apps.echo import profiles as simulate
 from apps.lb.policy import (
     READ_TIMEOUT, Fault, InFlight, choose_backend, judge_probe, may_retry, may_start,
 )
-from bench.scenario import Oracle, Scenario, SimBackend, SimResult, probe_answer
+from bench.mixed_report import WARMUP_S
+from bench.scenario import Answered, Oracle, Scenario, SimBackend, SimResult, probe_answer
 from scorer.pool import Outcome, Pool
 
 STRATEGIES = ("round_robin", "scored", "oracle")
@@ -62,6 +65,8 @@ class Request:
     status: int | None = None
     fault: Fault | None = None
     failed: bool = False
+    client: int = 0                # the client (a pacing thread) that sent it
+    started: list[float] = field(default_factory=list)  # when each attempt in `tried` began
 
 
 class Simulation:
@@ -93,7 +98,10 @@ class Simulation:
         self.oracle = Oracle(self.backends)
         self.balancer_free = scenario.balancer_slots
         self.accept_queue: deque[Callable[[], None]] = deque()
-        self.latencies: list[float] = []
+        self.answered: list[Answered] = []
+        # Paced: each thread's next slot, `interval` apart (bench/paced.py's `drive`).
+        self.interval = scenario.clients / scenario.rate if scenario.rate > 0 else 0.0
+        self.next_at: list[float] = []
         self.errors = 0
         self.retries = 0
         self.shares: Counter[str] = Counter()
@@ -104,8 +112,7 @@ class Simulation:
         heapq.heappush(self._events, (when, next(self._seq), action))
 
     def run(self) -> SimResult:
-        for _ in range(min(self.scenario.clients, self.scenario.requests)):
-            self.client_sends()
+        self.start_clients()
         if self.strategy == "scored" and self.settings.check_interval_s > 0:
             self.at(self.settings.check_interval_s, self.health_checks)
         while self._events:
@@ -118,7 +125,31 @@ class Simulation:
 
     # --- clients and the balancer's threads -----------------------------------------
 
-    def client_sends(self) -> None:
+    def start_clients(self) -> None:
+        """A closed loop's clients all send at once; paced, thread k first sends at
+        k x interval / threads, as `drive` starts its threads."""
+        clients = range(min(self.scenario.clients, self.scenario.requests))
+        if not self.interval:
+            for client in clients:
+                self.client_sends(client)
+            return
+        self.next_at = [k * self.interval / self.scenario.clients for k in clients]
+        for client in clients:
+            self.at(self.next_at[client], lambda c=client: self.client_sends(c))
+
+    def client_next(self, client: int) -> None:
+        """After its answer, a client sends again: at once in a closed loop; paced,
+        at its next slot, or at once if that has passed (so a late thread sends
+        back to back until it is on schedule again, as `drive`'s do)."""
+        if not self.interval:
+            self.client_sends(client)
+            return
+        if self.next_id >= self.scenario.requests:
+            return
+        self.next_at[client] += self.interval
+        self.at(max(self.now, self.next_at[client]), lambda: self.client_sends(client))
+
+    def client_sends(self, client: int) -> None:
         if self.next_id >= self.scenario.requests:
             return
         request_id = self.scenario.id_offset + self.next_id
@@ -126,7 +157,7 @@ class Simulation:
         arrived = self.now
         # As the proxy's, the deadline runs from when a worker takes the request up.
         start = lambda: self.attempt(Request(  # noqa: E731
-            request_id, arrived, self.now + self.settings.request_timeout))
+            request_id, arrived, self.now + self.settings.request_timeout, client=client))
         if self.balancer_free > 0:
             self.balancer_free -= 1
             start()
@@ -134,7 +165,8 @@ class Simulation:
             self.accept_queue.append(start)
 
     def request_done(self, req: Request, backend: Backend | None) -> None:
-        self.latencies.append(self.now - req.arrived)
+        self.answered.append(Answered(req.client, req.arrived, self.now,
+                                      tuple(zip(req.started, (b.id for b in req.tried)))))
         if req.failed:
             self.errors += 1
         elif backend is not None:
@@ -143,7 +175,7 @@ class Simulation:
             self.accept_queue.popleft()()
         else:
             self.balancer_free += 1
-        self.client_sends()
+        self.client_next(req.client)
 
     def health_checks(self) -> None:
         """One probe per backend each interval, answered as the echo app answers
@@ -188,6 +220,7 @@ class Simulation:
         if req.tried:
             self.retries += 1
         req.tried.append(backend)
+        req.started.append(self.now)
         sim = self.by_id[backend.id]
         # Every instance starts with the run: its phase follows the virtual clock.
         draw = simulate.draw(sim.profile, str(req.id), self.now)
@@ -217,10 +250,11 @@ class Simulation:
 
     def result(self) -> SimResult:
         return SimResult.of(
-            self.scenario, self.strategy, self.latencies, errors=self.errors,
-            retries=self.retries, virtual_s=self.now,
+            self.scenario, self.strategy, self.answered, errors=self.errors,
+            retries=self.retries,
             shares={b.backend.id: self.shares[b.backend.id] for b in self.backends},
-            status=None if self.strategy == "oracle" else self.pool.status())
+            status=None if self.strategy == "oracle" else self.pool.status(),
+            warmup_s=WARMUP_S)
 
 
 def simulate_cell(scenario: Scenario, strategy: str, env: Mapping[str, str] | None = None,

@@ -15,7 +15,7 @@ from bench.__main__ import main
 from bench.matrix_report import format_p95_shares
 from bench.mixed import NGINX_RETRY, add_arguments
 from bench.mixed_report import MixedRun, figures, format_report, targets
-from bench.mixed_scenarios import LIVE, SIM_ONLY, sim_scenario
+from bench.mixed_scenarios import DURATION_S, LIVE, RATE, SIM_ONLY, THREADS, sim_scenario
 from bench.overhead.servers import nginx_conf
 
 ASKED = {  # the issue's words: (mean latency ms, error rate) per backend
@@ -135,17 +135,53 @@ def test_the_command_line(capsys):
         parser.parse_args(["--only", "nope"])
 
 
-def test_the_matrix_suite_plans_the_named_pools():
+def plan(*argv: str, suite: str = "issue15") -> list[matrix.Cell]:
     parser = argparse.ArgumentParser()
     matrix.add_arguments(parser)
-    cells = matrix.plan(parser.parse_args(["--suite", "issue15", "--requests", "50"]))
+    return matrix.plan(parser.parse_args(["--suite", suite, *argv]))
+
+
+def test_the_matrix_suite_plans_the_named_pools():
+    cells = plan("--requests", "50")
     assert {c.scenario.name for c in cells} == {*LIVE, *SIM_ONLY}
     assert {c.strategy for c in cells} == {"round_robin", "scored", "oracle"}
     assert {c.scenario.requests for c in cells} == {50}
 
 
+def test_the_matrix_suite_paces_the_live_pools_as_bench_mixed_does():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = parser.parse_args([])
+    assert (defaults.rate, defaults.threads, defaults.duration) == (RATE, THREADS, DURATION_S)
+    loads = {(c.scenario.name, c.scenario.rate, c.scenario.clients, c.scenario.requests)
+             for c in plan() if c.scenario.name in LIVE}
+    assert loads == {(name, RATE, THREADS, round(RATE * DURATION_S)) for name in LIVE}
+    assert {c.scenario.clients for c in plan("--workers", "8")} == {8}
+
+
+def test_small_fast_is_offered_more_than_its_fast_backend_can_serve():
+    scenario = sim_scenario("small_fast")
+    fast = SIM_ONLY["small_fast"][0]
+    capacity = fast.threads / ((fast.latency_ms + 0.5) / 1000)  # requests/s, 0.5 ms of CPU
+    assert scenario.rate > capacity
+    # The threads can offer it even where every answer takes the slow backends' 20 ms.
+    assert scenario.clients / (SIM_ONLY["small_fast"][1].latency_ms / 1000) > scenario.rate
+    assert scenario.requests == round(scenario.rate * DURATION_S)
+
+
+def test_the_seeded_suites_stay_a_closed_loop():
+    assert {(c.scenario.rate, c.scenario.clients) for c in plan(suite="quick")} == {
+        (0.0, matrix.CLOSED_LOOP_CLIENTS)}
+
+
 def test_p95_and_shares_by_strategy():
     rows = [{"scenario": "small_fast", "strategy": "scored", "error_rate": 0.0, "p95_ms": 12.0,
-             "shares": {"a": 3, "b": 1}, "repeat": r} for r in (0, 1)]
+             "p95_after_warmup_ms": 10.0 + r, "shares": {"a": 3, "b": 1},
+             "attempts_after_warmup": {"a": 1, "b": 399}, "repeat": r} for r in (0, 1)]
     assert format_p95_shares(rows).splitlines()[1].split() == [
-        "small_fast", "scored", "0.000", "12.0ms", "75.0%", "25.0%"]
+        "small_fast", "scored", "0.000", "12.0ms", "10.5ms", "75.0%", "25.0%", "|",
+        "0.25%", "99.75%"]
+    # A live row has no figures from the warm-up on.
+    live = [{k: v for k, v in rows[0].items() if "warmup" not in k}]
+    assert format_p95_shares(live).splitlines()[1].split()[4:] == [
+        "nanms", "75.0%", "25.0%", "|", "-"]

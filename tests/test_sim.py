@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 
 from bench.matrix_report import _closed, _geomean, summarize
-from bench.scenario import Scenario
-from bench.sim import simulate_cell
+from bench.mixed_report import WARMUP_S
+from bench.scenario import BASE_SERVICE_S, Answered, Scenario
+from bench.sim import Simulation, simulate_cell
+from bench.stats import percentile
 
 SMALL = dict(requests=600, clients=20)
 
@@ -59,6 +61,110 @@ def test_the_oracle_avoids_a_known_bad_backend():
     scenario = Scenario(seed=0, instances=3, requests=600, clients=10, faults=((1, 0.9, 0.0),))
     oracle = simulate_cell(scenario, "oracle")
     assert oracle.errors == 0 and oracle.shares["10.0.0.2:80"] == 0
+
+
+def answered(scenario: Scenario, strategy: str = "round_robin",
+             env: dict[str, str] | None = None) -> list[Answered]:
+    """Every request of one run as its client recorded it, in the order they finished."""
+    sim = Simulation(scenario, strategy, env)
+    sim.run()
+    return sim.answered
+
+
+def sends_by_client(answers: list[Answered]) -> dict[int, list[Answered]]:
+    by: dict[int, list[Answered]] = {}
+    for a in sorted(answers, key=lambda a: a.sent):
+        by.setdefault(a.client, []).append(a)
+    return by
+
+
+def test_a_paced_healthy_pool_sends_rate_times_duration_on_schedule():
+    # 8 threads at 100 requests/s for 5 s: answers take 0.5 ms, so no thread falls
+    # behind and the sends are exactly 1/rate apart, thread k first at k/rate.
+    answers = answered(Scenario(seed=0, instances=3, requests=500, clients=8, rate=100.0))
+    sends = sorted(a.sent for a in answers)
+    assert sends == pytest.approx([i / 100 for i in range(500)])
+    assert sum(1 for t in sends if t < 5.0) == 500  # 100 requests/s x 5 s
+    firsts = {k: mine[0].sent for k, mine in sends_by_client(answers).items()}
+    assert firsts == pytest.approx({k: k * (8 / 100) / 8 for k in range(8)})
+
+
+def test_a_closed_loop_sends_every_client_at_once():
+    answers = answered(Scenario(seed=0, instances=3, requests=100, clients=8))
+    assert {mine[0].sent for mine in sends_by_client(answers).values()} == {0.0}
+
+
+def test_a_slow_backend_delays_only_its_own_thread():
+    # Round robin over a 0 ms and a 300 ms backend; each of 4 threads has a slot
+    # every 200 ms. A thread sends at its slot, or at once when its answer came
+    # after it: only a late answer of its own makes a thread late.
+    interval = 4 / 20.0
+    answers = answered(Scenario(seed=0, instances=2, requests=200, clients=4, rate=20.0,
+                                faults=((1, 0.0, 300.0),)))
+    late = on_time = 0
+    for k, mine in sends_by_client(answers).items():
+        slots = [k * interval / 4 + j * interval for j in range(len(mine))]
+        for j, (before, this) in enumerate(zip(mine, mine[1:]), 1):
+            assert this.sent == pytest.approx(max(before.finished, slots[j]))
+            if before.finished > slots[j]:
+                late += 1
+                # Late after the slow backend, or after being late already.
+                assert before.attempts[0][1] == "10.0.0.2:80" or \
+                    before.sent > slots[j - 1] + 1e-9
+            else:
+                on_time += 1
+    assert late > 10 and on_time > 50
+
+
+@pytest.mark.parametrize("rate", [0.0, 50.0])
+def test_virtual_s_is_when_the_last_request_finished(rate):
+    # The read timeouts' no-op events run until 15 s after the last attempt started:
+    # they are not part of the run. Each answer takes BASE_SERVICE_S: closed, 6
+    # clients send 50 requests each back to back; paced, the last is sent at 299/50 s.
+    scenario = Scenario(seed=0, instances=3, requests=300, clients=6, rate=rate)
+    result = simulate_cell(scenario, "round_robin")
+    finished = 299 / 50 + BASE_SERVICE_S if rate else 50 * BASE_SERVICE_S
+    assert result.virtual_s == pytest.approx(finished)
+
+
+# Every 500 retried elsewhere (the retry budget would refuse some).
+RETRY_500 = {"LB_RETRY_NON_IDEMPOTENT": "1", "LB_RETRY_ON_STATUS": "500", "LB_RETRY_BUDGET": "1"}
+
+
+def test_shares_of_attempts_from_the_warmup_on():
+    # Instance 1 always answers 500 after about 100 ms, retried elsewhere: it has
+    # attempts but no successes, and some retries start after the warm-up for
+    # requests sent before it (counted: an echo counts what it serves, when).
+    scenario = Scenario(seed=0, instances=3, requests=300, clients=4, rate=60.0,
+                        faults=((1, 1.0, 100.0),))
+    answers = answered(scenario, env=RETRY_500)
+    result = simulate_cell(scenario, "round_robin", RETRY_500)
+    assert any(a.sent < WARMUP_S <= a.attempts[-1][0] for a in answers)
+    attempts = [b for a in answers for started, b in a.attempts if started >= WARMUP_S]
+    assert len(attempts) > sum(1 for a in answers if a.sent >= WARMUP_S)  # retries too
+    assert result.attempts_after_warmup == {b: attempts.count(b) for b in result.shares}
+    assert result.errors == 0
+    assert result.shares["10.0.0.2:80"] == 0 < result.attempts_after_warmup["10.0.0.2:80"]
+
+
+def test_p95_of_the_requests_sent_from_the_warmup_on():
+    # The latency rises over the warm-up (2 ms to 100 ms): from it on, the p95 is
+    # above the whole run's.
+    scenario = Scenario(seed=0, instances=1, requests=300, clients=4, rate=60.0,
+                        specs=((0, f"degrading:start=0,period={WARMUP_S},factor=10"),),
+                        faults=((0, 0.0, 2.0),))
+    answers = answered(scenario)
+    result = simulate_cell(scenario, "round_robin")
+    settled = sorted(a.latency_s for a in answers if a.sent >= WARMUP_S)
+    assert 0 < len(settled) < len(answers)
+    assert result.p95_after_warmup_ms == pytest.approx(percentile(settled, 95) * 1000)
+    assert result.p95_after_warmup_ms > result.p95_ms
+
+
+def test_a_run_over_before_the_warmup_has_nothing_after_it():
+    result = simulate_cell(Scenario(seed=0, instances=3, **SMALL), "round_robin")
+    assert result.p95_after_warmup_ms is None
+    assert set(result.attempts_after_warmup.values()) == {0}
 
 
 def row(scenario, strategy, errors, p99, repeat=0):
