@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from contextlib import nullcontext
 
 import requests
 from requests import Session
@@ -34,6 +35,7 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 
 from bench.load_result import LoadResult, Outcome
+from bench.watch import watching
 
 
 def _positive_int(text: str) -> int:
@@ -79,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one JSON document instead of the text report")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar on stderr")
+    parser.add_argument("--admin", default=None, metavar="URL",
+                        help="the balancer's admin listener (e.g. http://127.0.0.1:8001): poll "
+                             "its /status while the load runs and report any block and any "
+                             "backend whose share fell below 1")
 
 
 def make_body(request_id: int, payload: int) -> bytes:
@@ -182,12 +188,16 @@ def measure(url: str, requests: int, workers: int, timeout: float, payload: int,
 
 def run(args: argparse.Namespace) -> int:
     """Run the load test; 0 when it ran (errors or not), 2 when nothing answered."""
-    result = measure(args.url, args.requests, args.workers, args.timeout, args.payload,
-                     args.id_offset, args.method, progress=not args.no_progress)
+    with watching(args.admin) if args.admin else nullcontext() as watch:
+        result = measure(args.url, args.requests, args.workers, args.timeout, args.payload,
+                         args.id_offset, args.method, progress=not args.no_progress)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({**result.to_dict(), **({"pool": watch.to_dict()} if watch else {})},
+                         indent=2))
     else:
         print(result.report())
+        if watch:
+            print(watch.report())
     if result.completed == 0:
         print(f"load: no request to {args.url} got an answer", file=sys.stderr)
         return 2

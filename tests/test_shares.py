@@ -9,9 +9,11 @@ import pytest
 from scorer.pool import Outcome
 from tests.pools import BACKENDS, Clock, make_pool, ports, put, report, state
 
-# Slowness never blocks here, so that the shares alone decide; and power 2, whose
-# shares are easy to count.
-NO_BLOCKS = {"LB_SLOW_POINTS": "0", "LB_SHARE_POWER": "2"}
+# Slowness never blocks here, so that the shares alone decide; power 2, whose shares
+# are easy to count; and the rules' other numbers fixed, as tests/pools.py's RULES
+# fix the scorer's, so that these tests check the rules, not the tuned defaults.
+NO_BLOCKS = {"LB_SLOW_POINTS": "0", "LB_SHARE_POWER": "2", "LB_SHARE_NOISE_Z": "2",
+             "LB_SHARE_MIN_SAMPLES": "20"}
 FOUR = BACKENDS + ",http://127.0.0.1:9004"
 
 
@@ -75,7 +77,8 @@ def test_the_fastest_sets_the_bar_so_slow_traffic_cannot_raise_it(any_redis, clo
 
 
 def test_failures_are_priced_into_the_latency_that_sets_a_share(any_redis, clock):
-    pool = make_pool(any_redis, clock, **NO_BLOCKS, LB_ERROR_POINTS="0", LB_SHARE_NOISE_Z="0")
+    pool = make_pool(any_redis, clock,
+                     **{**NO_BLOCKS, "LB_ERROR_POINTS": "0", "LB_SHARE_NOISE_Z": "0"})
     teach(pool, [4, 4, 4])
     for _ in range(20):  # as fast as the others, but failing one in two
         report(pool, 2, 4, status=500)

@@ -270,18 +270,18 @@ TABLE: tuple[Setting, ...] = (
     Setting("LB_SHARE_BAND_MS", "2", number(0), "ms",
             "...or within this many ms of it, whichever is wider: a healthy pool splits "
             "exactly evenly.", script="pick"),
-    Setting("LB_SHARE_MIN_SAMPLES", "20", number(0), "requests",
+    Setting("LB_SHARE_MIN_SAMPLES", "40", number(0), "requests",
             "A backend's share follows its latency only once its smoothed latency rests "
             "on this much (time-decayed) weight of requests; until then, a full share. "
             "More than LB_LATENCY_MIN_SAMPLES: a share moves on smaller differences than "
             "a block, so it needs a steadier mean.", script="pick"),
-    Setting("LB_SHARE_NOISE_Z", "2", number(0), "standard errors",
+    Setting("LB_SHARE_NOISE_Z", "3", number(0), "standard errors",
             "The bar also widens by this many standard errors of the difference between "
             "the two means (in logs), so that a share moves only on a difference beyond "
             "noise: a few noisy samples never split a healthy pool unevenly.", script="pick"),
-    Setting("LB_SHARE_POWER", "6", number(0), "x",
-            "Past that bar, a backend's share is (bar / its latency) to this power: 12 % "
-            "slower than the bar, half a share; 50 % slower, 9 %. 0 turns shares off "
+    Setting("LB_SHARE_POWER", "8", number(0), "x",
+            "Past that bar, a backend's share is (bar / its latency) to this power: 9 % "
+            "slower than the bar, half a share; 50 % slower, the floor. 0 turns shares off "
             "(plain round robin among unblocked backends).", script="pick"),
     Setting("LB_SHARE_FLOOR", "0.05", number(0, 1, low_open=True), "fraction",
             "Least share of an unblocked backend, so that it stays measured; a backend "
