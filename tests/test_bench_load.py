@@ -177,3 +177,29 @@ def test_python_m_bench_through_the_balancer(redis_server, tmp_path):
     assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
     assert all(share["fraction"] == pytest.approx(1 / 3)
                for share in document["shares"].values())
+
+
+def test_the_status_watch_reports_a_dipped_share_and_a_new_block():
+    from bench.watch import Watch
+
+    def status(share_b, blocks_c, blocked_c=False):
+        return {"backends": [{"id": "a", "blocks": 0},
+                             {"id": "b", "share": share_b, "blocks": 0},
+                             {"id": "c", "blocks": blocks_c, "blocked": blocked_c}]}
+
+    even = Watch()
+    for _ in range(3):
+        even.see(status(1.0, 2))  # two blocks from before the run do not count
+    assert even.even and "no block throughout" in even.report()
+    dipped = Watch()
+    dipped.see(status(1.0, 2))
+    dipped.see(status(0.997, 2))
+    dipped.see(status(1.0, 2))
+    assert not dipped.even and dipped.least_share["b"] == 0.997
+    blocked = Watch()
+    blocked.see(status(1.0, 2))
+    blocked.see(status(1.0, 3, blocked_c=True))
+    assert not blocked.even
+    assert blocked.to_dict()["new_blocks"] == {"a": 0, "b": 0, "c": 1}
+    assert blocked.least_share["c"] == 0.0  # blocked: no share at all
+    assert not Watch().even  # nothing seen proves nothing
