@@ -30,7 +30,8 @@
 --                              the caller's keys and flags are built from
 -- Returns  {index, panic, members_rev}: the 0-based index of the picked backend, 1 when
 --          every candidate was blocked and the lowest score was taken instead
---          (when only busy ones were left, one is taken over its cap: not panic); {-1, 0} when a retry is refused: over budget, or no
+--          (when only busy ones were left, one is taken over its cap: not
+--          panic); {-1, 0} when a retry is refused: over budget, or no
 --          unblocked, idle backend left that this request has not tried.
 --          {-2, 0, members_rev} when the membership changed since known_version
 --          (members.lua), nothing picked: the caller reloads and asks again, so
