@@ -28,7 +28,8 @@ TABLE: tuple[Setting, ...] = (
             "checked when a backend is added and on every new connection, where a host "
             "name's addresses outside them are never connected to. Unset: any address."),
     Setting("LB_STRATEGY", "scored", parse_choice(*STRATEGIES), "name",
-            "`scored`: round robin that skips blocked backends (the scorer below). "
+            "`scored`: round robin that skips blocked backends and gives slower ones "
+            "smaller shares (the scorer below). "
             "`round_robin`: plain round robin, the baseline; scores are still kept and shown."),
     Setting("LB_HOST", "127.0.0.1", str, "address", "Address the traffic listener binds."),
     Setting("LB_PORT", "8000", parse_port, "port", "Port of the traffic listener."),
