@@ -34,6 +34,10 @@ SUITES = {
 # Suites of named pools instead of seeds, each pool under its paced load
 # (bench/mixed_scenarios.py): repeats.
 NAMED_SUITES = {"issue15": 2}
+SEEDED_STRATEGIES = ["round_robin", "scored", "oracle"]
+# Issue 15 asks how scored compares with "everything to the fastest" too.
+NAMED_STRATEGIES = ["round_robin", "fastest", "scored", "oracle"]
+SIM_ONLY_STRATEGIES = ("oracle", "fastest")  # the balancer has neither
 CLOSED_LOOP_CLIENTS = 100          # the seeded suites' clients (the benchmark's workers)
 LIVE_SUITES = {
     "default": ([1, 2, 3, 7], [3, 5], 500, 2),
@@ -60,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"concurrent clients (the benchmark's workers, default "
                              f"{CLOSED_LOOP_CLIENTS}); issue15: pacing threads")
     parser.add_argument("--strategies", type=lambda s: s.split(","),
-                        default=["round_robin", "scored", "oracle"])
+                        help=f"default {','.join(SEEDED_STRATEGIES)}; "
+                             f"issue15: {','.join(NAMED_STRATEGIES)}")
     parser.add_argument("--set", action="append", default=[], metavar="LB_X=VALUE",
                         help="a balancer setting for every cell (repeatable)")
     parser.add_argument("--out", type=Path, default=None,
@@ -83,8 +88,10 @@ class Cell:
 
 
 def plan(args: argparse.Namespace) -> list[Cell]:
-    strategies = [s for s in args.strategies if not (args.live and s == "oracle")]
-    if args.suite in NAMED_SUITES:
+    named = args.suite in NAMED_SUITES
+    asked = args.strategies or (NAMED_STRATEGIES if named else SEEDED_STRATEGIES)
+    strategies = [s for s in asked if not (args.live and s in SIM_ONLY_STRATEGIES)]
+    if named:
         return plan_named(args, strategies)
     seeds, instances, requests, repeats = (LIVE_SUITES if args.live else SUITES)[args.suite]
     seeds = args.seeds or seeds

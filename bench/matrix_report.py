@@ -180,7 +180,7 @@ def draw_chart(summary: dict[str, Any], path: Path) -> None:
 
 def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     per = summary["per_scenario"]
-    strategies = [s for s in ("round_robin", "scored", "oracle")
+    strategies = [s for s in ("round_robin", "fastest", "scored", "oracle")
                   if any(s in per[x] for x in per)]
     head = f"{'scenario':<12}" + "".join(f"{s + ' err':>18}{s + ' p99':>18}" for s in strategies)
     lines = [head, "-" * len(head)]

@@ -1,5 +1,6 @@
 """What the simulator (bench/sim.py) runs and what it yields: a scenario, the echo
-instances it models, the oracle's choice, and the result of one run."""
+instances it models, the oracle's and "everything to the fastest"'s choices, and
+the result of one run."""
 from __future__ import annotations
 
 import math
@@ -116,7 +117,7 @@ class SimResult:
            retries: int, shares: dict[str, int], status: Mapping[str, Any] | None,
            warmup_s: float) -> SimResult:
         """A run's result from its answered requests and what it counted; `status` is
-        the pool's (None for the oracle, which uses no pool)."""
+        the pool's (None for the oracle and fastest, which use no pool)."""
         ordered = sorted(a.latency_s for a in answered)
         settled = sorted(a.latency_s for a in answered if a.sent >= warmup_s)
         attempts = Counter(backend for a in answered for started, backend in a.attempts
@@ -243,3 +244,24 @@ class Oracle:
             untried = [b for b in self.backends if b.backend.id not in tried_ids]
             best = untried[0] if untried else None
         return best.backend if best else None
+
+
+class Fastest:
+    """Knows every profile, as the oracle does, but looks at nothing else: sends
+    every request to the backend whose mean latency is lowest now (its phase's:
+    a dead or hung one's is infinite), ignoring its queue and its errors; a
+    retry goes to the fastest one not yet tried. Ties go to the first in the
+    pool's order, so "everything" is one backend. Issue 15's yardstick for what
+    following latency alone costs when the fastest has little capacity."""
+
+    def __init__(self, backends: Sequence[SimBackend]) -> None:
+        self.backends = backends
+
+    def choose(self, now: float, tried: Sequence[Backend]) -> Backend | None:
+        tried_ids = {b.id for b in tried}
+        untried = [sim for sim in self.backends if sim.backend.id not in tried_ids]
+        if not untried:
+            return None
+        # min() keeps the first of equal ones: ties go to the pool's order.
+        return min(untried, key=lambda sim: simulate.phase_at(sim.profile, now)
+                   .mean_latency_ms).backend

@@ -144,8 +144,15 @@ def plan(*argv: str, suite: str = "issue15") -> list[matrix.Cell]:
 def test_the_matrix_suite_plans_the_named_pools():
     cells = plan("--requests", "50")
     assert {c.scenario.name for c in cells} == {*LIVE, *SIM_ONLY}
-    assert {c.strategy for c in cells} == {"round_robin", "scored", "oracle"}
+    assert [c.strategy for c in cells[:4]] == ["round_robin", "fastest", "scored", "oracle"]
     assert {c.scenario.requests for c in cells} == {50}
+
+
+def test_the_strategies_by_suite():
+    assert {c.strategy for c in plan(suite="quick")} == {"round_robin", "scored", "oracle"}
+    # Live there is neither an oracle nor "everything to the fastest".
+    assert {c.strategy for c in plan("--live")} == {"round_robin", "scored"}
+    assert {c.strategy for c in plan("--strategies", "fastest,scored")} == {"fastest", "scored"}
 
 
 def test_the_matrix_suite_paces_the_live_pools_as_bench_mixed_does():
@@ -185,3 +192,4 @@ def test_p95_and_shares_by_strategy():
     live = [{k: v for k, v in rows[0].items() if "warmup" not in k}]
     assert format_p95_shares(live).splitlines()[1].split()[4:] == [
         "nanms", "75.0%", "25.0%", "|", "-"]
+

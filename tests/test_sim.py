@@ -167,6 +167,36 @@ def test_a_run_over_before_the_warmup_has_nothing_after_it():
     assert set(result.attempts_after_warmup.values()) == {0}
 
 
+def test_fastest_sends_everything_to_the_lowest_mean_latency():
+    # Instance 1 is the fastest (5 ms) but has one thread and is offered 400
+    # requests/s, more than it serves: fastest ignores its queue, the oracle does not.
+    scenario = Scenario(seed=0, instances=3, requests=800, clients=16, rate=400.0,
+                        faults=((0, 0.0, 20.0), (1, 0.0, 5.0), (2, 0.0, 10.0)),
+                        threads=((1, 1),))
+    fastest = simulate_cell(scenario, "fastest")
+    assert fastest.shares == {"10.0.0.1:80": 0, "10.0.0.2:80": 800, "10.0.0.3:80": 0}
+    assert fastest.blocks == 0 and fastest.retries == 0
+    oracle = simulate_cell(scenario, "oracle")
+    assert oracle.shares["10.0.0.2:80"] < 700 and oracle.p95_ms < fastest.p95_ms / 2
+
+
+def test_fastest_retries_on_the_fastest_untried_and_ignores_errors():
+    # The fastest (instance 1) always answers 500: fastest still sends every request
+    # there first, and each retry to the next fastest, instance 2.
+    scenario = Scenario(seed=0, instances=3, requests=200, clients=4, rate=100.0,
+                        faults=((0, 0.0, 20.0), (1, 1.0, 5.0), (2, 0.0, 10.0)))
+    answers = answered(scenario, "fastest", RETRY_500)
+    assert {tuple(b for _, b in a.attempts) for a in answers} == {
+        ("10.0.0.2:80", "10.0.0.3:80")}
+    result = simulate_cell(scenario, "fastest", RETRY_500)
+    assert result.errors == 0 and result.retries == 200
+
+
+def test_fastest_breaks_ties_by_the_pools_order():
+    result = simulate_cell(Scenario(seed=0, instances=3, requests=300, clients=6), "fastest")
+    assert list(result.shares.values()) == [300, 0, 0]
+
+
 def row(scenario, strategy, errors, p99, repeat=0):
     return {"scenario": scenario, "strategy": strategy, "errors": errors,
             "error_rate": errors / 100, "p99_ms": p99, "blocks": 0, "repeat": repeat}
