@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.matrix_report import format_p95_shares, format_table, summarize, write_outputs
+from bench.matrix_report import (
+    format_convergence, format_p95_shares, format_table, summarize, write_outputs,
+)
 from bench.mixed_scenarios import sim_names, sim_scenario
 from bench.scenario import Scenario
 from bench.sim import sim_redis, simulate_cell
@@ -54,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", choices=sorted({*SUITES, *NAMED_SUITES}), default="default",
                         help="issue15: its fixed pools (static_mixed, graded, healthy3, "
                              "small_fast) under the live benchmark's paced load, with p95 "
-                             "and shares by strategy")
+                             "and shares by strategy, and whether the shares settle")
     parser.add_argument("--seeds", type=_ints, help="override the suite's seeds, e.g. 1,2,3")
     parser.add_argument("--instances", type=_ints, help="override the instance counts, e.g. 3,5")
     parser.add_argument("--requests", type=int,
@@ -131,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows, summary))
     if args.suite in NAMED_SUITES:
         print("\n" + format_p95_shares(rows))
+        convergence = format_convergence(rows)
+        if convergence:  # simulated: live rows have no windows
+            print("\n" + convergence)
     print(f"\nwrote {out}/results.csv, results.json, summary.json, chart.png "
           f"in {summary['wall_s']} s")
     return 0
