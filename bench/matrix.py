@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.matrix_report import format_p95_shares, format_table, summarize, write_outputs
+from bench.matrix_report import (
+    format_convergence, format_p95_shares, format_table, summarize, write_outputs,
+)
 from bench.mixed_scenarios import sim_names, sim_scenario
 from bench.scenario import Scenario
 from bench.sim import sim_redis, simulate_cell
@@ -34,6 +36,10 @@ SUITES = {
 # Suites of named pools instead of seeds, each pool under its paced load
 # (bench/mixed_scenarios.py): repeats.
 NAMED_SUITES = {"issue15": 2}
+SEEDED_STRATEGIES = ["round_robin", "scored", "oracle"]
+# Issue 15 asks how scored compares with "everything to the fastest" too.
+NAMED_STRATEGIES = ["round_robin", "fastest", "scored", "oracle"]
+SIM_ONLY_STRATEGIES = ("oracle", "fastest")  # the balancer has neither
 CLOSED_LOOP_CLIENTS = 100          # the seeded suites' clients (the benchmark's workers)
 LIVE_SUITES = {
     "default": ([1, 2, 3, 7], [3, 5], 500, 2),
@@ -50,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", choices=sorted({*SUITES, *NAMED_SUITES}), default="default",
                         help="issue15: its fixed pools (static_mixed, graded, healthy3, "
                              "small_fast) under the live benchmark's paced load, with p95 "
-                             "and shares by strategy")
+                             "and shares by strategy, and whether the shares settle")
     parser.add_argument("--seeds", type=_ints, help="override the suite's seeds, e.g. 1,2,3")
     parser.add_argument("--instances", type=_ints, help="override the instance counts, e.g. 3,5")
     parser.add_argument("--requests", type=int,
@@ -60,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"concurrent clients (the benchmark's workers, default "
                              f"{CLOSED_LOOP_CLIENTS}); issue15: pacing threads")
     parser.add_argument("--strategies", type=lambda s: s.split(","),
-                        default=["round_robin", "scored", "oracle"])
+                        help=f"default {','.join(SEEDED_STRATEGIES)}; "
+                             f"issue15: {','.join(NAMED_STRATEGIES)}")
     parser.add_argument("--set", action="append", default=[], metavar="LB_X=VALUE",
                         help="a balancer setting for every cell (repeatable)")
     parser.add_argument("--out", type=Path, default=None,
@@ -83,8 +90,10 @@ class Cell:
 
 
 def plan(args: argparse.Namespace) -> list[Cell]:
-    strategies = [s for s in args.strategies if not (args.live and s == "oracle")]
-    if args.suite in NAMED_SUITES:
+    named = args.suite in NAMED_SUITES
+    asked = args.strategies or (NAMED_STRATEGIES if named else SEEDED_STRATEGIES)
+    strategies = [s for s in asked if not (args.live and s in SIM_ONLY_STRATEGIES)]
+    if named:
         return plan_named(args, strategies)
     seeds, instances, requests, repeats = (LIVE_SUITES if args.live else SUITES)[args.suite]
     seeds = args.seeds or seeds
@@ -124,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(rows, summary))
     if args.suite in NAMED_SUITES:
         print("\n" + format_p95_shares(rows))
+        convergence = format_convergence(rows)
+        if convergence:  # simulated: live rows have no windows
+            print("\n" + convergence)
     print(f"\nwrote {out}/results.csv, results.json, summary.json, chart.png "
           f"in {summary['wall_s']} s")
     return 0

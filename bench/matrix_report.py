@@ -1,16 +1,23 @@
 """The matrix's summary and outputs: per-scenario means and noise, the gap each strategy
-closes, where scored is worse than round_robin; results.csv, summary.json, chart.png and
-the printed table."""
+closes, where scored is worse than round_robin, whether the shares settle; results.csv,
+summary.json, chart.png and the printed tables."""
 from __future__ import annotations
 
 import csv
 import json
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from bench.mixed_report import WARMUP_S
+from bench.scenario import WINDOW_S
+
+# A share has settled when every window of the run's last third lies within this
+# of their mean. 5 points: the binomial noise of a 150-attempt window (bench
+# mixed's load) on a share of a third is 3.8 points, of a 1000-attempt one 1.5.
+SETTLED_BAND = 0.05
 
 
 # --- summary: the targets -------------------------------------------------------
@@ -180,7 +187,7 @@ def draw_chart(summary: dict[str, Any], path: Path) -> None:
 
 def format_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     per = summary["per_scenario"]
-    strategies = [s for s in ("round_robin", "scored", "oracle")
+    strategies = [s for s in ("round_robin", "fastest", "scored", "oracle")
                   if any(s in per[x] for x in per)]
     head = f"{'scenario':<12}" + "".join(f"{s + ' err':>18}{s + ' p99':>18}" for s in strategies)
     lines = [head, "-" * len(head)]
@@ -253,3 +260,77 @@ def _shares(cell: list[dict[str, Any]], key: str, spec: str) -> str:
     counts = [sum(r.get(key, {}).get(b, 0) for r in cell) for b in backends]
     total = sum(counts)
     return " ".join(format(c / total, spec) for c in counts) if total else "-"
+
+
+# --- convergence: the first backend's share, window by window ---------------------
+
+@dataclass(frozen=True)
+class Convergence:
+    """A share's course over a run's windows: its mean, lowest and highest, the mean
+    absolute change between consecutive windows, the last third's mean, and whether
+    that third stays within SETTLED_BAND of its mean (None: too few windows to say)."""
+
+    mean: float
+    low: float
+    high: float
+    step: float
+    tail_mean: float
+    settled: bool | None
+
+
+def convergence(series: Sequence[float], band: float = SETTLED_BAND) -> Convergence | None:
+    """The course of a share given per window (None: no window)."""
+    if not series:
+        return None
+    tail = series[len(series) - math.ceil(len(series) / 3):]
+    tail_mean = statistics.fmean(tail)
+    steps = [abs(b - a) for a, b in zip(series, series[1:])]
+    return Convergence(
+        mean=statistics.fmean(series), low=min(series), high=max(series),
+        step=statistics.fmean(steps) if steps else 0.0, tail_mean=tail_mean,
+        # One window is trivially within any band: judge two or more.
+        settled=all(abs(x - tail_mean) <= band for x in tail) if len(tail) > 1 else None)
+
+
+def first_share_per_window(row: dict[str, Any]) -> list[float]:
+    """The first backend's share of each window's attempts (each named pool lists
+    its fastest first), over the windows that end by the paced load's end: the
+    ones after it hold only the stragglers of a run that fell behind, which the
+    live benchmark, bounded by its duration, does not send."""
+    shares = []
+    for k, counts in enumerate(row.get("attempt_windows") or []):
+        if WARMUP_S + (k + 1) * WINDOW_S > row.get("load_s", 0.0) + 1e-9:
+            break
+        if sum(counts):
+            shares.append(counts[0] / sum(counts))
+    return shares
+
+
+def format_convergence(rows: list[dict[str, Any]]) -> str:
+    """Per scenario and strategy, the first backend's share per window: each
+    repeat's `convergence`, combined (the mean of the means, the lowest, the
+    highest, the mean change, the last third's mean, how many repeats settled).
+    Empty when no row has windows (live rows)."""
+    by_cell: dict[tuple[str, str], list[Convergence]] = {}
+    for row in rows:
+        course = convergence(first_share_per_window(row))
+        if course is not None:
+            by_cell.setdefault((row["scenario"], row["strategy"]), []).append(course)
+    if not by_cell:
+        return ""
+    lines = [f"the first backend's share of the attempts per {WINDOW_S:g} s from "
+             f"{WARMUP_S:g} s on; settled: the last third within "
+             f"±{SETTLED_BAND * 100:g} points of its mean",
+             f"{'scenario':<14}{'strategy':<13}{'mean':>7}{'min':>7}{'max':>7}"
+             f"{'change':>8}{'last third':>12}  settled"]
+    for (scenario, strategy), courses in sorted(
+            by_cell.items(), key=lambda k: (_scenario_order(k[0][0]), k[0][1])):
+        judged = [c.settled for c in courses if c.settled is not None]
+        lines.append(
+            f"{scenario:<14}{strategy:<13}"
+            f"{statistics.fmean(c.mean for c in courses):>7.1%}"
+            f"{min(c.low for c in courses):>7.1%}{max(c.high for c in courses):>7.1%}"
+            f"{statistics.fmean(c.step for c in courses) * 100:>5.1f}pts"
+            f"{statistics.fmean(c.tail_mean for c in courses):>12.1%}  "
+            + (f"{sum(judged)}/{len(judged)}" if judged else "-"))
+    return "\n".join(lines)

@@ -1,5 +1,6 @@
 """What the simulator (bench/sim.py) runs and what it yields: a scenario, the echo
-instances it models, the oracle's choice, and the result of one run."""
+instances it models, the oracle's and "everything to the fastest"'s choices, and
+the result of one run."""
 from __future__ import annotations
 
 import math
@@ -17,6 +18,9 @@ BASE_SERVICE_S = 0.0005
 # The oracle's price of an error, in seconds of latency: an error is worth
 # avoiding at the cost of up to this much extra waiting.
 ORACLE_ERROR_COST_S = 1.0
+# Attempts are also counted per window of this much virtual time from the warm-up
+# on, to see whether the shares settle (issue 15's convergence).
+WINDOW_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,11 @@ class Scenario:
     @property
     def name(self) -> str:
         return self.label or f"seed{self.seed}-n{self.instances}"
+
+    @property
+    def load_s(self) -> float:
+        """How long a paced load lasts on schedule (requests / rate); 0 in a closed loop."""
+        return self.requests / self.rate if self.rate > 0 else 0.0
 
     def threads_of(self, instance: int) -> int:
         return dict(self.threads).get(instance, self.backend_threads)
@@ -110,17 +119,24 @@ class SimResult:
     # started since, retries included.
     p95_after_warmup_ms: float | None = None
     attempts_after_warmup: dict[str, int] = field(default_factory=dict)
+    # The same attempts by when they started: window k holds each backend's count (in
+    # the order of `shares`) of those started in [k, k + 1) x WINDOW_S after the
+    # warm-up, up to the last attempt's. `load_s` is the scenario's: the windows that end by it are the
+    # ones with the whole paced load in them, as in the live benchmark's 15 s.
+    attempt_windows: list[list[int]] = field(default_factory=list)
+    load_s: float = 0.0
 
     @classmethod
     def of(cls, s: Scenario, strategy: str, answered: Sequence[Answered], *, errors: int,
            retries: int, shares: dict[str, int], status: Mapping[str, Any] | None,
            warmup_s: float) -> SimResult:
         """A run's result from its answered requests and what it counted; `status` is
-        the pool's (None for the oracle, which uses no pool)."""
+        the pool's (None for the oracle and fastest, which use no pool)."""
         ordered = sorted(a.latency_s for a in answered)
         settled = sorted(a.latency_s for a in answered if a.sent >= warmup_s)
-        attempts = Counter(backend for a in answered for started, backend in a.attempts
-                           if started >= warmup_s)
+        after = [(started, backend) for a in answered for started, backend in a.attempts
+                 if started >= warmup_s]
+        attempts = Counter(backend for _, backend in after)
         return cls(
             scenario=s.name, strategy=strategy, seed=s.seed, instances=s.instances,
             id_offset=s.id_offset, requests=s.requests, errors=errors,
@@ -133,10 +149,23 @@ class SimResult:
             panic_picks=status["panic_picks"] if status else 0,
             over_cap_picks=status["over_cap_picks"] if status else 0, shares=shares,
             p95_after_warmup_ms=percentile(settled, 95) * 1000 if settled else None,
-            attempts_after_warmup={b: attempts[b] for b in shares})
+            attempts_after_warmup={b: attempts[b] for b in shares},
+            attempt_windows=_windows(after, list(shares), warmup_s), load_s=s.load_s)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _windows(attempts: Sequence[tuple[float, str]], backends: Sequence[str],
+             warmup_s: float) -> list[list[int]]:
+    """Each backend's count of `attempts` (start, backend; all from `warmup_s` on)
+    per WINDOW_S from `warmup_s` to the last of them."""
+    index = {b: i for i, b in enumerate(backends)}
+    slots = [(int((started - warmup_s) // WINDOW_S), backend) for started, backend in attempts]
+    windows = [[0] * len(backends) for _ in range(1 + max((k for k, _ in slots), default=-1))]
+    for k, backend in slots:
+        windows[k][index[backend]] += 1
+    return windows
 
 
 def dead_fault(draw: simulate.Draw) -> Fault | None:
@@ -243,3 +272,24 @@ class Oracle:
             untried = [b for b in self.backends if b.backend.id not in tried_ids]
             best = untried[0] if untried else None
         return best.backend if best else None
+
+
+class Fastest:
+    """Knows every profile, as the oracle does, but looks at nothing else: sends
+    every request to the backend whose mean latency is lowest now (its phase's:
+    a dead or hung one's is infinite), ignoring its queue and its errors; a
+    retry goes to the fastest one not yet tried. Ties go to the first in the
+    pool's order, so "everything" is one backend. Issue 15's yardstick for what
+    following latency alone costs when the fastest has little capacity."""
+
+    def __init__(self, backends: Sequence[SimBackend]) -> None:
+        self.backends = backends
+
+    def choose(self, now: float, tried: Sequence[Backend]) -> Backend | None:
+        tried_ids = {b.id for b in tried}
+        untried = [sim for sim in self.backends if sim.backend.id not in tried_ids]
+        if not untried:
+            return None
+        # min() keeps the first of equal ones: ties go to the pool's order.
+        return min(untried, key=lambda sim: simulate.phase_at(sim.profile, now)
+                   .mean_latency_ms).backend

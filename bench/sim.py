@@ -17,8 +17,10 @@ their caps; each echo instance (bench/scenario.py: a thread pool with a queue,
 answering after the drawn latency; an attempt that waits longer than the read
 timeout ends as a timeout while the backend still works on it).
 
-Strategies: `round_robin` and `scored` (the balancer's own), and `oracle`
-(bench/scenario.py), the yardstick for "how close to perfect".
+Strategies: `round_robin` and `scored` (the balancer's own); `oracle`
+(bench/scenario.py), the yardstick for "how close to perfect"; and `fastest`,
+everything to the lowest mean latency (issue 15's "everything to the fastest").
+Neither of the last two uses the pool.
 """
 from __future__ import annotations
 
@@ -42,10 +44,14 @@ from apps.lb.policy import (
     READ_TIMEOUT, Fault, InFlight, choose_backend, judge_probe, may_retry, may_start,
 )
 from bench.mixed_report import WARMUP_S
-from bench.scenario import Answered, Oracle, Scenario, SimBackend, SimResult, probe_answer
+from bench.scenario import (
+    Answered, Fastest, Oracle, Scenario, SimBackend, SimResult, probe_answer,
+)
 from scorer.pool import Outcome, Pool
 
-STRATEGIES = ("round_robin", "scored", "oracle")
+STRATEGIES = ("round_robin", "scored", "oracle", "fastest")
+# The balancer's own: they pick through the pool and report to it.
+POOL_STRATEGIES = ("round_robin", "scored")
 # The virtual clock starts at a plausible epoch time, as the scripts expect.
 EPOCH = 1_800_000_000.0
 # Names a real Redis server for the simulations (the matrix and the tuner start
@@ -78,6 +84,7 @@ class Simulation:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}")
         self.scenario, self.strategy = scenario, strategy
+        self.uses_pool = strategy in POOL_STRATEGIES
         urls = ",".join(f"http://10.0.0.{i + 1}:80" for i in range(scenario.instances))
         overrides = {"LB_BACKENDS": urls,
                      "LB_STRATEGY": "round_robin" if strategy == "round_robin" else "scored",
@@ -96,6 +103,7 @@ class Simulation:
         self.by_id = {b.backend.id: b for b in self.backends}
         self.inflight = InFlight(self.settings.max_inflight * scenario.balancer_workers)
         self.oracle = Oracle(self.backends)
+        self.fastest = Fastest(self.backends)
         self.balancer_free = scenario.balancer_slots
         self.accept_queue: deque[Callable[[], None]] = deque()
         self.answered: list[Answered] = []
@@ -194,11 +202,15 @@ class Simulation:
     # --- one request: attempts and retries, as apps/lb/proxy.py's `forward` ---------
 
     def choose(self, tried: list[Backend]) -> Backend | None:
-        """The next attempt's backend, its in-flight slot taken (the oracle ignores
-        the caps, but counts), or None: the pool refused."""
-        if self.strategy != "oracle":
+        """The next attempt's backend, its in-flight slot taken (the oracle and
+        fastest ignore the caps, but count), or None: the pool refused, or every
+        backend was tried."""
+        if self.uses_pool:
             return choose_backend(self.pool.pick, self.inflight, tried)
-        backend = self.oracle.choose(self.now, self.inflight, tried)
+        if self.strategy == "oracle":
+            backend = self.oracle.choose(self.now, self.inflight, tried)
+        else:
+            backend = self.fastest.choose(self.now, tried)
         if backend is not None:
             self.inflight.take(backend, over_cap=True)
         return backend
@@ -233,7 +245,7 @@ class Simulation:
                 return
             finished = True
             self.inflight.release(backend)
-            if self.strategy != "oracle":
+            if self.uses_pool:
                 self.pool.report(Outcome(backend, self.now - started, status=status,
                                          error=fault.kind if fault else None))
             if fault is not None or status in self.settings.retry_on_status:
@@ -253,7 +265,7 @@ class Simulation:
             self.scenario, self.strategy, self.answered, errors=self.errors,
             retries=self.retries,
             shares={b.backend.id: self.shares[b.backend.id] for b in self.backends},
-            status=None if self.strategy == "oracle" else self.pool.status(),
+            status=self.pool.status() if self.uses_pool else None,
             warmup_s=WARMUP_S)
 
 

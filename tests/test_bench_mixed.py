@@ -12,9 +12,9 @@ import pytest
 from apps.echo.app import resolve_profile
 from bench import matrix
 from bench.__main__ import main
-from bench.matrix_report import format_p95_shares
+from bench.matrix_report import format_convergence, format_p95_shares
 from bench.mixed import NGINX_RETRY, add_arguments
-from bench.mixed_report import MixedRun, figures, format_report, targets
+from bench.mixed_report import WARMUP_S, MixedRun, figures, format_report, targets
 from bench.mixed_scenarios import DURATION_S, LIVE, RATE, SIM_ONLY, THREADS, sim_scenario
 from bench.overhead.servers import nginx_conf
 
@@ -144,8 +144,15 @@ def plan(*argv: str, suite: str = "issue15") -> list[matrix.Cell]:
 def test_the_matrix_suite_plans_the_named_pools():
     cells = plan("--requests", "50")
     assert {c.scenario.name for c in cells} == {*LIVE, *SIM_ONLY}
-    assert {c.strategy for c in cells} == {"round_robin", "scored", "oracle"}
+    assert [c.strategy for c in cells[:4]] == ["round_robin", "fastest", "scored", "oracle"]
     assert {c.scenario.requests for c in cells} == {50}
+
+
+def test_the_strategies_by_suite():
+    assert {c.strategy for c in plan(suite="quick")} == {"round_robin", "scored", "oracle"}
+    # Live there is neither an oracle nor "everything to the fastest".
+    assert {c.strategy for c in plan("--live")} == {"round_robin", "scored"}
+    assert {c.strategy for c in plan("--strategies", "fastest,scored")} == {"fastest", "scored"}
 
 
 def test_the_matrix_suite_paces_the_live_pools_as_bench_mixed_does():
@@ -185,3 +192,25 @@ def test_p95_and_shares_by_strategy():
     live = [{k: v for k, v in rows[0].items() if "warmup" not in k}]
     assert format_p95_shares(live).splitlines()[1].split()[4:] == [
         "nanms", "75.0%", "25.0%", "|", "-"]
+
+
+def test_convergence_by_strategy():
+    # Two repeats of 6 windows within a load of 6 s after the warm-up, then a
+    # straggler's window after it (not counted: it would be a 100 % high).
+    def run(repeat: int, first: list[int]) -> dict:
+        return {"scenario": "small_fast", "strategy": "scored", "repeat": repeat,
+                "load_s": WARMUP_S + 6,
+                "attempt_windows": [[f, 100 - f] for f in first] + [[1, 0]]}
+    rows = [run(0, [60, 80, 70, 70, 72, 74]), run(1, [90, 50] * 3),
+            {"scenario": "small_fast", "strategy": "oracle", "repeat": 0, "load_s": 6.0,
+             "attempt_windows": [[50, 50]]}]
+    lines = format_convergence(rows).splitlines()
+    assert "±5 points" in lines[0]
+    assert lines[2].split() == ["small_fast", "oracle", "50.0%", "50.0%", "50.0%", "0.0pts",
+                                "50.0%", "-"]  # one window: nothing to judge
+    # Means 71 % and 70 %; changes 6.8 and 40 points; last thirds 73 % (settled)
+    # and 70 % (swinging by 20 points).
+    assert lines[3].split() == ["small_fast", "scored", "70.5%", "50.0%", "90.0%",
+                                "23.4pts", "71.5%", "1/2"]
+    assert format_convergence([{k: v for k, v in rows[0].items()
+                                if k != "attempt_windows"}]) == ""

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from bench.matrix_report import _closed, _geomean, summarize
+from bench.matrix_report import (
+    SETTLED_BAND, _closed, _geomean, convergence, first_share_per_window, summarize,
+)
 from bench.mixed_report import WARMUP_S
-from bench.scenario import BASE_SERVICE_S, Answered, Scenario
+from bench.scenario import BASE_SERVICE_S, WINDOW_S, Answered, Scenario
 from bench.sim import Simulation, simulate_cell
 from bench.stats import percentile
 
@@ -165,6 +167,92 @@ def test_a_run_over_before_the_warmup_has_nothing_after_it():
     result = simulate_cell(Scenario(seed=0, instances=3, **SMALL), "round_robin")
     assert result.p95_after_warmup_ms is None
     assert set(result.attempts_after_warmup.values()) == {0}
+    assert result.attempt_windows == [] and result.load_s == 0
+
+
+def test_the_windows_add_up_to_the_attempts_from_the_warmup_on():
+    # As above: retries of instance 1's 500s, some starting after the warm-up for
+    # requests sent before it; 60 requests/s for 5 s, so windows from 3 s to 5 s
+    # and perhaps a straggler's after.
+    scenario = Scenario(seed=0, instances=3, requests=300, clients=4, rate=60.0,
+                        faults=((1, 1.0, 100.0),))
+    answers = answered(scenario, env=RETRY_500)
+    result = simulate_cell(scenario, "round_robin", RETRY_500)
+    backends = list(result.shares)
+    expected: dict[int, list[int]] = {}
+    for a in answers:
+        for started, backend in a.attempts:
+            if started >= WARMUP_S:
+                k = int((started - WARMUP_S) // WINDOW_S)
+                expected.setdefault(k, [0] * len(backends))[backends.index(backend)] += 1
+    windows = result.attempt_windows
+    assert len(windows) == max(expected) + 1 >= 2 and result.load_s == 5.0
+    assert windows == [expected.get(k, [0, 0, 0]) for k in range(len(windows))]
+    assert [sum(w[i] for w in windows) for i in range(3)] == \
+        [result.attempts_after_warmup[b] for b in backends]
+    assert sum(windows[0]) > 60  # a second's requests, and retries
+
+
+def test_fastest_sends_everything_to_the_lowest_mean_latency():
+    # Instance 1 is the fastest (5 ms) but has one thread and is offered 400
+    # requests/s, more than it serves: fastest ignores its queue, the oracle does not.
+    scenario = Scenario(seed=0, instances=3, requests=800, clients=16, rate=400.0,
+                        faults=((0, 0.0, 20.0), (1, 0.0, 5.0), (2, 0.0, 10.0)),
+                        threads=((1, 1),))
+    fastest = simulate_cell(scenario, "fastest")
+    assert fastest.shares == {"10.0.0.1:80": 0, "10.0.0.2:80": 800, "10.0.0.3:80": 0}
+    assert fastest.blocks == 0 and fastest.retries == 0
+    oracle = simulate_cell(scenario, "oracle")
+    assert oracle.shares["10.0.0.2:80"] < 700 and oracle.p95_ms < fastest.p95_ms / 2
+
+
+def test_fastest_retries_on_the_fastest_untried_and_ignores_errors():
+    # The fastest (instance 1) always answers 500: fastest still sends every request
+    # there first, and each retry to the next fastest, instance 2.
+    scenario = Scenario(seed=0, instances=3, requests=200, clients=4, rate=100.0,
+                        faults=((0, 0.0, 20.0), (1, 1.0, 5.0), (2, 0.0, 10.0)))
+    answers = answered(scenario, "fastest", RETRY_500)
+    assert {tuple(b for _, b in a.attempts) for a in answers} == {
+        ("10.0.0.2:80", "10.0.0.3:80")}
+    result = simulate_cell(scenario, "fastest", RETRY_500)
+    assert result.errors == 0 and result.retries == 200
+
+
+def test_fastest_breaks_ties_by_the_pools_order():
+    result = simulate_cell(Scenario(seed=0, instances=3, requests=300, clients=6), "fastest")
+    assert list(result.shares.values()) == [300, 0, 0]
+
+
+def test_convergence_of_a_share_that_settles():
+    course = convergence([0.9, 0.2, 0.6, 0.72, 0.70, 0.74])
+    assert (course.mean, course.low, course.high) == pytest.approx((0.6433, 0.2, 0.9), abs=1e-4)
+    assert course.step == pytest.approx((0.7 + 0.4 + 0.12 + 0.02 + 0.04) / 5)
+    assert course.tail_mean == pytest.approx(0.72) and course.settled is True
+
+
+def test_convergence_of_a_share_that_swings():
+    course = convergence([0.3, 0.7] * 3)
+    assert course.settled is False and course.step == pytest.approx(0.4)
+    assert course.tail_mean == pytest.approx(0.5)
+
+
+def test_settled_means_the_last_third_within_the_band():
+    # 12 windows: the last third is the last 4.
+    assert convergence([0.5] * 7 + [0.9] + [0.5] * 4).settled is True
+    assert convergence([0.5] * 8 + [0.9] + [0.5] * 3).settled is False
+    assert convergence([0.5, 0.6, 0.68]).settled is None  # a one-window third
+    assert convergence([0.5, 0.6, 0.6, 0.68]).settled is True  # 4 points off
+    assert convergence([0.5, 0.6, 0.6, 0.68], band=0.03).settled is False
+    assert SETTLED_BAND == 0.05
+    assert convergence([]) is None
+
+
+def test_the_share_series_takes_the_windows_within_the_load():
+    # Windows from the warm-up on: the last ends after the load (a straggler's),
+    # the second is empty.
+    row = {"attempt_windows": [[1, 3], [0, 0], [2, 0], [1, 0]], "load_s": WARMUP_S + 3}
+    assert first_share_per_window(row) == [0.25, 1.0]
+    assert first_share_per_window({"shares": {"a": 1}}) == []  # a live row
 
 
 def row(scenario, strategy, errors, p99, repeat=0):
