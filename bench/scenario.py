@@ -121,8 +121,9 @@ class SimResult:
     attempts_after_warmup: dict[str, int] = field(default_factory=dict)
     # The same attempts by when they started: window k holds each backend's count (in
     # the order of `shares`) of those started in [k, k + 1) x WINDOW_S after the
-    # warm-up, up to the last attempt's. `load_s` is the scenario's: the windows that end by it are the
-    # ones with the whole paced load in them, as in the live benchmark's 15 s.
+    # warm-up, up to the last attempt's. `load_s` is the scenario's: the windows that
+    # end by it are the ones with the whole paced load in them, as in the live
+    # benchmark's 15 s.
     attempt_windows: list[list[int]] = field(default_factory=list)
     load_s: float = 0.0
 
