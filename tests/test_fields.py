@@ -153,7 +153,7 @@ def test_a_reset_clears_the_score_the_block_and_the_history_behind_them():
     assert set(RESET_FIELDS) == {
         "score", "in_block", "trial", "ramp_at", "credit", "share",
         "blocked_turns", "block_until", "block_level", "updated_at", "lat_sum", "lat_weight",
-        "log_lat_sum", "log_sq_sum", "err_sum", "err_weight"}
+        "log_lat_sum", "log_sq_sum", "log_weight", "err_sum", "err_weight"}
 
 
 def test_the_prelude_goes_first_into_the_scripts_that_name_it_and_each_uses_it():

@@ -195,6 +195,21 @@ def test_shares_follow_recovery(any_redis, clock):
     assert state(pool, 2)["share"] == 1.0
 
 
+def test_a_backend_answering_fast_4xx_does_not_set_the_bar(any_redis, clock):
+    # Misconfigured, it answers every request with a 404 in a fraction of a
+    # millisecond: fast, and "ok" (a 4xx is the client's fault), yet no measure of
+    # how fast it serves. Counted, it would cut the healthy backends to the floor.
+    pool = make_pool(any_redis, clock, **NO_BLOCKS)
+    teach(pool, [8, 8])
+    for _ in range(40):
+        report(pool, 2, 0.3, status=404)
+    assert counts(pool, 300) == [100, 100, 100]
+    for _ in range(40):  # its real answers count as any backend's
+        report(pool, 2, 30)
+    pool.pick()
+    assert state(pool, 2)["share"] == pytest.approx((10 / 30) ** 2, abs=1e-3)
+
+
 def test_every_worker_sees_the_same_sequence(any_redis, clock):
     one = make_pool(any_redis, clock, **NO_BLOCKS)
     two = make_pool(any_redis, clock, **NO_BLOCKS)  # another worker, same pool
@@ -208,5 +223,5 @@ def test_an_outcome_report_keeps_the_geometric_mean(any_redis, clock):
     for latency in (2, 8):
         pool.report(Outcome(pool.backends[0], latency / 1000, status=200))
     stored = any_redis.hgetall(pool.membership.keys[1])
-    mean = math.exp(float(stored[b"log_lat_sum"]) / float(stored[b"lat_weight"]))
+    mean = math.exp(float(stored[b"log_lat_sum"]) / float(stored[b"log_weight"]))
     assert mean == pytest.approx(4.0, rel=1e-6)

@@ -125,7 +125,7 @@ local shares = {}
 if honour_blocks and share_power > 0 then
     local judged, fastest = {}, nil
     for index = 0, n - 1 do
-        local b = redis.call('HMGET', KEYS[index + 2], 'in_block', 'log_lat_sum', 'lat_weight',
+        local b = redis.call('HMGET', KEYS[index + 2], 'in_block', 'log_lat_sum', 'log_weight',
                              'log_sq_sum', 'share')
         local weight = num(b[3])
         -- The samples asked for scale with the share it has, as its traffic does:

@@ -241,16 +241,23 @@ else
 
     -- 3. The backend's smoothed latency and recent error rate.
     local b = redis.call('HMGET', key, 'score', 'updated_at', 'lat_sum', 'lat_weight',
-                         'err_sum', 'err_weight', 'log_lat_sum', 'log_sq_sum')
+                         'err_sum', 'err_weight', 'log_lat_sum', 'log_sq_sum', 'log_weight')
     local updated_at = num(b[2])
     local dt = math.max(0, now - updated_at)
     local lat_fade, err_fade = fade(dt, latency_tau_s), fade(dt, error_tau_s)
     local lat_sum = num(b[3]) * lat_fade + sample
     -- Its mean in logs too, and their spread (read by pick.lua for shares): a
-    -- geometric mean, which a rare spike moves little, and how sure it is.
-    local log_sample = math.log(math.max(sample, 0.01))
-    local log_lat_sum = num(b[7]) * lat_fade + log_sample
-    local log_sq_sum = num(b[8]) * lat_fade + log_sample * log_sample
+    -- geometric mean, which a rare spike moves little, and how sure it is. A 4xx
+    -- stays out of it: it says nothing of how fast the backend serves, and a
+    -- backend answering every request with a fast 404 must not set the bar that
+    -- cuts every healthy backend's share.
+    local log_lat_sum, log_sq_sum = num(b[7]) * lat_fade, num(b[8]) * lat_fade
+    local log_weight = num(b[9]) * lat_fade
+    if failed or (tonumber(status) or 0) < 400 then
+        local log_sample = math.log(math.max(sample, 0.01))
+        log_lat_sum, log_sq_sum = log_lat_sum + log_sample, log_sq_sum + log_sample ^ 2
+        log_weight = log_weight + 1
+    end
     local lat_weight = num(b[4]) * lat_fade + 1
     local err_sum = num(b[5]) * err_fade + (failed and 1 or 0)
     local err_weight = num(b[6]) * err_fade + 1
@@ -287,7 +294,7 @@ else
 
     redis.call('HSET', key, 'score', score, 'updated_at', math.max(updated_at, now),
                'lat_sum', lat_sum, 'lat_weight', lat_weight, 'log_lat_sum', log_lat_sum,
-               'log_sq_sum', log_sq_sum,
+               'log_sq_sum', log_sq_sum, 'log_weight', log_weight,
                'err_sum', err_sum, 'err_weight', err_weight,
                'last_seen', now, 'last_latency_ms', latency_ms,
                'last_outcome', outcome, 'last_status', status)
