@@ -93,7 +93,7 @@ POOL = _layout(
     ("over_cap_picks", "pick", "status", "picks over a backend's in-flight cap"),
     ("trial_picks", "pick", "status", "trial requests sent"),
     ("shares", "pick", "pick", "every backend's share, comma-separated, in the pool's order"),
-    ("shares_at", "pick", "pick", "when they were computed"),
+    ("shares_left", "pick", "pick", "picks left before they are computed again"),
     ("shares_version", "pick", "pick", "the membership version they were computed for"),
     # The yardsticks every report is judged against.
     ("avg_sum", "report", "report status", "decayed latency sum of successes"),

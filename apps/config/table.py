@@ -287,10 +287,6 @@ TABLE: tuple[Setting, ...] = (
     Setting("LB_SHARE_FLOOR", "0.05", number(0, 1, low_open=True), "fraction",
             "Least share of an unblocked backend, so that it stays measured; a backend "
             "past the blocking bar is blocked instead.", script="pick"),
-    Setting("LB_SHARE_REFRESH_S", "0.1", number(0), "s",
-            "Shares are computed again at most this often (and on a membership change), "
-            "kept in the pool's hash between: computing them reads every backend's state, "
-            "so a wide pool would pay that on every pick. 0: on every pick.", script="pick"),
     Setting("LB_MAX_BLOCKED_SHARE", "1", number(0, 1), "fraction",
             "At most this share of the pool is blocked at once...", script="report"),
     Setting("LB_MIN_UNBLOCKED", "1", number(0, integer=True), "backends",

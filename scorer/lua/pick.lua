@@ -3,7 +3,7 @@
 --
 -- KEYS[1]      lb:{pool}:pool       hash: cursor, panic_picks, over_cap_picks, the retry
 --                                   budget's counts (req_sum, retry_sum, budget_at),
---                                   retries_denied, the shares kept (shares, shares_at,
+--                                   retries_denied, the shares kept (shares, shares_left,
 --                                   shares_version)
 -- KEYS[2..n+1] lb:{pool}:b:<id>     each backend's hash, in the pool's order
 -- ARGV[1]  now                 caller's clock, seconds since the epoch
@@ -25,11 +25,10 @@
 -- ARGV[13] share_noise_z       the bar widens by this many standard errors
 -- ARGV[14] share_power         beyond the bar, a share is (bar / latency)^power; 0: off
 -- ARGV[15] share_floor         ...and at least this
--- ARGV[16] share_refresh_s     shares are computed again at most this often
--- ARGV[17] weights             comma-separated weight per backend, '' for all 1:
+-- ARGV[16] weights             comma-separated weight per backend, '' for all 1:
 --                              a backend of weight w is picked w times in a row
 --                              per turn of the cursor; weight 0 is never picked
--- ARGV[18] known_version       the membership version ("<rev>:<epoch>", members.lua)
+-- ARGV[17] known_version       the membership version ("<rev>:<epoch>", members.lua)
 --                              the caller's keys and flags are built from
 -- Returns  {index, panic, members_rev}: the 0-based index of the picked backend, 1 when
 --          every candidate was blocked and the lowest score was taken instead
@@ -72,9 +71,8 @@ local share_min_samples = tonumber(ARGV[12])
 local share_noise_z = tonumber(ARGV[13])
 local share_power = tonumber(ARGV[14])
 local share_floor = tonumber(ARGV[15])
-local share_refresh_s = tonumber(ARGV[16])
 local weights = {}
-for weight in string.gmatch(ARGV[17] or '', '[^,]+') do
+for weight in string.gmatch(ARGV[16] or '', '[^,]+') do
     weights[#weights + 1] = tonumber(weight)
 end
 
@@ -94,7 +92,7 @@ local budget = redis.call('HMGET', pool_key, 'cursor', 'req_sum', 'retry_sum', '
 local last = tonumber(budget[1]) or -1
 local rev = tonumber(budget[5]) or 0
 local served = num(budget[6])
-if ARGV[18] ~= (budget[5] or '0') .. ':' .. (budget[7] or '') then
+if ARGV[17] ~= (budget[5] or '0') .. ':' .. (budget[7] or '') then
     return {-2, 0, rev}
 end
 local budget_fade = math.exp(-math.max(0, now - num(budget[4])) / retry_budget_tau_s)
@@ -126,9 +124,10 @@ end
 -- never split a healthy pool unevenly. A backend whose mean rests on too few
 -- samples keeps a full share.
 -- Computing them reads every backend's hash, so they are kept in the pool's
--- hash and computed again only every share_refresh_s (or when the membership
--- changed): a wide pool pays for one read per pick, not one per backend, and
--- every worker and host still reads the same shares.
+-- hash and computed again once per turn of the cursor (every n picks, or when
+-- the membership changed): a wide pool pays for about one backend's read per
+-- pick, not n, shares are never more than a turn old, and every worker and host
+-- reads the same ones.
 local function compute_shares()
     local judged, fastest, stored = {}, nil, {}
     for index = 0, n - 1 do
@@ -168,19 +167,23 @@ local function compute_shares()
             redis.call('HSET', KEYS[index + 2], 'share', shown[index + 1])
         end
     end
-    redis.call('HSET', pool_key, 'shares', table.concat(shown, ','), 'shares_at', now,
-               'shares_version', ARGV[18])
+    redis.call('HSET', pool_key, 'shares', table.concat(shown, ','), 'shares_left', n - 1,
+               'shares_version', ARGV[17])
     return shown
 end
 
 local shares = {}
 if honour_blocks and share_power > 0 then
-    local kept = redis.call('HMGET', pool_key, 'shares', 'shares_at', 'shares_version')
+    local kept = redis.call('HMGET', pool_key, 'shares', 'shares_left', 'shares_version')
     local list = {}
-    if kept[1] and kept[3] == ARGV[18] and math.abs(now - num(kept[2])) < share_refresh_s then
+    if kept[1] and kept[3] == ARGV[17] and num(kept[2]) > 0 then
         for value in string.gmatch(kept[1], '[^,]+') do list[#list + 1] = value end
     end
-    if #list ~= n then list = compute_shares() end
+    if #list == n then
+        redis.call('HSET', pool_key, 'shares_left', num(kept[2]) - 1)
+    else
+        list = compute_shares()
+    end
     for index = 0, n - 1 do shares[index] = tonumber(list[index + 1]) end
 end
 local function share_of(index)
