@@ -249,3 +249,13 @@ def test_a_membership_change_computes_the_shares_again_at_once(any_redis, clock)
     put(pool, "http://127.0.0.1:9002", weight=0)  # ...and the kept list is for the old pool
     pool.pick()
     assert state(pool, 2)["share"] == 1.0
+
+
+def test_a_backend_taken_on_credit_owes_at_most_one_pick(any_redis, clock):
+    pool = make_pool(any_redis, clock, **NO_BLOCKS)
+    teach(pool, [4, 4, 12])  # a quarter share
+    for _ in range(50):  # the full-share ones busy for a long spell
+        assert pool.pick(flags="bb.").port == 9003
+    # Then it is back to its quarter, one pick late at most, not starved for
+    # 50 x 4 passes.
+    assert counts(pool, 90) in ([40, 40, 10], [41, 40, 9], [40, 41, 9])

@@ -198,7 +198,8 @@ if last >= 0 and last < n and served < (weights[last + 1] or 1) then
 end
 
 local blocked_at = {}
-local owed = nil  -- the first backend skipped for its share alone: taken before giving up
+-- The first backend skipped for its share alone, and its credit: taken before giving up.
+local owed, owed_credit = nil, 0
 for step = first_step, first_step + n - 1 do
     local index = (last + step) % n
     local key = KEYS[index + 2]
@@ -246,7 +247,7 @@ for step = first_step, first_step + n - 1 do
                 local credit = num(state[6]) + share
                 short = credit < 1 - 1e-9  -- ten passes of 0.1 make a whole credit
                 redis.call('HSET', key, 'credit', short and credit or credit - 1)
-                if short and owed == nil then owed = index end
+                if short and owed == nil then owed, owed_credit = index, credit end
             elseif state[6] then
                 redis.call('HDEL', key, 'credit')
             end
@@ -259,10 +260,11 @@ for step = first_step, first_step + n - 1 do
 end
 
 -- Every eligible backend was short of credit (the fast ones busy or tried): a
--- share is a preference, so the first of them is taken, on credit.
+-- share is a preference, so the first of them is taken, on credit. It owes at
+-- most one pick: a long spell of such picks must not starve it afterwards.
 if owed ~= nil then
     local key = KEYS[owed + 2]
-    redis.call('HINCRBYFLOAT', key, 'credit', -1)
+    redis.call('HSET', key, 'credit', math.max(owed_credit - 1, -1))
     return take(owed, nil)
 end
 
