@@ -12,6 +12,7 @@ import pytest
 import redis
 from hypothesis import settings as hypothesis_settings
 
+from tests.rawbackend import RawBackend
 from tests.support import start_redis
 
 # Fuzzing is reproducible by default: the same examples on every run and in CI
@@ -43,6 +44,14 @@ def real_redis(redis_server) -> redis.Redis:
 def fake_redis() -> redis.Redis:
     # A fresh server per test: a script that leaked a global would break later ones.
     return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+
+
+@pytest.fixture(scope="module")
+def raw_backend() -> Iterator[RawBackend]:
+    """A backend on a raw socket, in this process (tests/rawbackend.py): one per module."""
+    backend = RawBackend()
+    yield backend
+    backend.close()
 
 
 @pytest.fixture(params=["fakeredis", pytest.param("real", marks=pytest.mark.e2e)])

@@ -17,13 +17,6 @@ TOKEN = "e2e-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture(scope="module")
-def raw_backend():
-    backend = RawBackend()
-    yield backend
-    backend.close()
-
-
 def balancer(backends, redis_server, tmp_path_factory, **env):
     log_dir = tmp_path_factory.mktemp("addr")
     return start_balancer(backends, redis_server, log_dir, workers=1, threads=4,

@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 
-from tests.rawbackend import RawBackend, ScriptedBackend
+from tests.rawbackend import ScriptedBackend
 from tests.support import (
     free_port, gunicorn, metric_samples, spawn, start_balancer, wait_for, worker_pids,
 )
@@ -23,13 +23,6 @@ from tests.support import (
 pytestmark = pytest.mark.e2e
 
 BUFFER = 16 * 1024  # LB_RETRY_BUFFER: larger bodies are spooled (or streamed)
-
-
-@pytest.fixture(scope="module")
-def raw():
-    backend = RawBackend()
-    yield backend
-    backend.close()
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +36,14 @@ def reflect(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def buffered(raw, redis_server, tmp_path_factory):
+def buffered(raw_backend, redis_server, tmp_path_factory):
     """The default, LB_REQUEST_BUFFERING=1, in front of the raw backend; its temporary
     files go to a directory of its own (TMPDIR), to be counted."""
     log_dir = tmp_path_factory.mktemp("buffered")
     spool_dir = log_dir / "tmp"
     spool_dir.mkdir()
     proc, url, admin = start_balancer(
-        [raw.url], redis_server, log_dir, workers=1, threads=4, name="proxy-buffered",
+        [raw_backend.url], redis_server, log_dir, workers=1, threads=4, name="proxy-buffered",
         env={"LB_RETRY_BUFFER": str(BUFFER), "LB_MAX_BODY": "256k",
              "LB_CHECK_INTERVAL_S": "0", "TMPDIR": str(spool_dir)})
     yield proc, url, admin, spool_dir
@@ -117,16 +110,16 @@ def assert_not_blamed(admin: str, backend: str, before: tuple, client_ended: flo
     assert attempts(admin, backend, "client") == client_ended + 1
 
 
-def test_a_client_that_leaves_a_streamed_answer_is_not_the_backends_fault(buffered, raw):
+def test_a_client_that_leaves_a_streamed_answer_is_not_the_backends_fault(buffered, raw_backend):
     _, url, admin, _ = buffered
-    before, client_ended = counters(admin), attempts(admin, raw.url, "client")
+    before, client_ended = counters(admin), attempts(admin, raw_backend.url, "client")
     with connect(url) as sock:  # reads the head of an answer that never ends, then leaves
         sock.sendall(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
         assert read_head(sock).startswith(b"HTTP/1.1 200")
-    assert_not_blamed(admin, raw.url, before, client_ended)
+    assert_not_blamed(admin, raw_backend.url, before, client_ended)
 
 
-def test_a_backend_that_breaks_off_mid_body_is_still_blamed(buffered, raw):
+def test_a_backend_that_breaks_off_mid_body_is_still_blamed(buffered, raw_backend):
     _, url, admin, _ = buffered
     requests_before, outcomes, _, _ = counters(admin)
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
@@ -156,20 +149,20 @@ def test_a_streamed_chunked_upload_goes_out_chunked_and_intact(streaming):
     assert dict(seen.json()["headers"]).get("Transfer-Encoding") == "chunked"
 
 
-def test_a_spooled_chunked_upload_reaches_the_backend_whole_with_its_length(buffered, raw):
+def test_a_spooled_chunked_upload_reaches_the_backend_whole_with_its_length(buffered, raw_backend):
     _, url, _, _ = buffered
     body = bytes(range(256)) * 800  # 200 KB: spooled to a temporary file
-    raw.seen.clear()
+    raw_backend.seen.clear()
     response = requests.put(f"{url}/spooled", timeout=30,
                             data=iter(body[i:i + 30_000] for i in range(0, len(body), 30_000)))
     assert response.status_code == 200
-    [seen] = raw.seen
+    [seen] = raw_backend.seen
     assert seen.body == body
     assert f"Content-Length: {len(body)}" in seen.headers
     assert not any(h.lower().startswith("transfer-encoding") for h in seen.headers)
 
 
-def test_a_slow_upload_never_makes_the_backend_look_slow(buffered, raw):
+def test_a_slow_upload_never_makes_the_backend_look_slow(buffered, raw_backend):
     """The upload takes seconds; the backend answers at once. The latency clock
     starts once the body is in hand, so the backend's latency stays small."""
     _, url, admin, _ = buffered

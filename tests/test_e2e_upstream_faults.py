@@ -8,19 +8,11 @@ import socket
 import pytest
 import requests
 
-from tests.rawbackend import RawBackend
 from tests.support import metric_samples, start_balancer, start_echo
 
 pytestmark = pytest.mark.e2e
 
 TOKEN = "raw-admin-token"
-
-
-@pytest.fixture(scope="module")
-def raw_backend():
-    backend = RawBackend()
-    yield backend
-    backend.close()
 
 
 @pytest.fixture(scope="module")
