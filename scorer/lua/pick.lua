@@ -86,9 +86,11 @@ local function flag(index)
     return string.sub(flags, index + 1, index + 1)
 end
 
--- The retry budget: decayed counts of first attempts and of retries.
+-- The pool's hash, read once: the cursor, the membership's version, the retry
+-- budget (decayed counts of first attempts and of retries) and the kept shares.
 local budget = redis.call('HMGET', pool_key, 'cursor', 'req_sum', 'retry_sum', 'budget_at',
-                          'members_rev', 'turn_served', 'members_epoch')
+                          'members_rev', 'turn_served', 'members_epoch',
+                          'shares', 'shares_left', 'shares_version')
 local last = tonumber(budget[1]) or -1
 local rev = tonumber(budget[5]) or 0
 local served = num(budget[6])
@@ -174,13 +176,13 @@ end
 
 local shares = {}
 if honour_blocks and share_power > 0 then
-    local kept = redis.call('HMGET', pool_key, 'shares', 'shares_left', 'shares_version')
+    local kept, left = budget[8], num(budget[9])
     local list = {}
-    if kept[1] and kept[3] == ARGV[17] and num(kept[2]) > 0 then
-        for value in string.gmatch(kept[1], '[^,]+') do list[#list + 1] = value end
+    if kept and budget[10] == ARGV[17] and left > 0 then
+        for value in string.gmatch(kept, '[^,]+') do list[#list + 1] = value end
     end
     if #list == n then
-        redis.call('HSET', pool_key, 'shares_left', num(kept[2]) - 1)
+        redis.call('HSET', pool_key, 'shares_left', left - 1)
     else
         list = compute_shares()
     end
