@@ -12,6 +12,7 @@ import pytest
 import redis
 from hypothesis import settings as hypothesis_settings
 
+from tests.pools import Clock
 from tests.rawbackend import RawBackend
 from tests.support import start_redis
 
@@ -44,6 +45,13 @@ def real_redis(redis_server) -> redis.Redis:
 def fake_redis() -> redis.Redis:
     # A fresh server per test: a script that leaked a global would break later ones.
     return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A fake clock the test moves by hand (tests/pools.py); tests/test_forwarder.py
+    has one of its own."""
+    return Clock()
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,7 @@ import pytest
 from apps.config import load_settings
 from scorer.members import LastBackendError, StateFile
 from scorer.pool import Outcome, Pool
-from tests.pools import BACKENDS, RULES, Clock, make_pool, member_json, ports, put, remove, state
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
+from tests.pools import BACKENDS, RULES, make_pool, member_json, ports, put, remove, state
 
 
 # --- membership: in Redis, seen by every worker at once -----------------------------

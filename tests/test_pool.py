@@ -16,11 +16,6 @@ from apps.config import load_settings
 from tests.pools import ERRORS_ONLY, Clock, make_pool, ports, remove, report, state
 
 
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
 # --- the cursor -------------------------------------------------------------
 
 def test_pick_rotates_in_configured_order(any_redis):

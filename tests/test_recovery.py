@@ -4,7 +4,6 @@ and no trial flag outliving its block. Each test on fakeredis and the real serve
 a fake clock."""
 from __future__ import annotations
 
-import pytest
 import redis
 
 from scorer.keys import backend_key
@@ -12,11 +11,6 @@ from scorer.pool import Outcome, Pool
 from tests.pools import Clock, make_pool, ports, report, state
 
 SINGLE = "http://127.0.0.1:9001"
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 def check(pool: Pool, index: int, latency_ms: float = 1.0, status: int | None = 200,

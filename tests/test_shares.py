@@ -7,7 +7,7 @@ import math
 import pytest
 
 from scorer.pool import Outcome
-from tests.pools import BACKENDS, Clock, make_pool, ports, put, report, state
+from tests.pools import BACKENDS, make_pool, ports, put, report, state
 
 # Slowness never blocks here, so that the shares alone decide; power 2, whose shares
 # are easy to count; and the rules' other numbers fixed, as tests/pools.py's RULES
@@ -15,11 +15,6 @@ from tests.pools import BACKENDS, Clock, make_pool, ports, put, report, state
 NO_BLOCKS = {"LB_SLOW_POINTS": "0", "LB_SHARE_POWER": "2", "LB_SHARE_NOISE_Z": "2",
              "LB_SHARE_MIN_SAMPLES": "20"}
 FOUR = BACKENDS + ",http://127.0.0.1:9004"
-
-
-@pytest.fixture
-def clock():
-    return Clock()
 
 
 def teach(pool, latencies_ms, samples=40):
