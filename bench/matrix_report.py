@@ -25,9 +25,7 @@ SETTLED_BAND = 0.05
 def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Per-scenario means and noise, the gap each strategy closes, and where
     `scored` is worse than `round_robin` beyond run-to-run noise."""
-    by_cell: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        by_cell.setdefault((row["scenario"], row["strategy"]), []).append(row)
+    by_cell = _by_cell(rows)
     scenarios = sorted({s for s, _ in by_cell}, key=_scenario_order)
     strategies = sorted({t for _, t in by_cell})
     per_scenario = {}
@@ -123,6 +121,20 @@ def _closed(baseline: float, candidate: float, best: float) -> float | None:
 def _geomean(values: Iterable[float]) -> float:
     values = [max(v, 1e-9) for v in values]
     return math.exp(statistics.fmean(math.log(v) for v in values)) if values else math.nan
+
+
+def _by_cell(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The rows of each (scenario, strategy): a cell's repeats."""
+    by_cell: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        by_cell.setdefault((row["scenario"], row["strategy"]), []).append(row)
+    return by_cell
+
+
+def _cells_in_order(rows: Iterable[dict[str, Any]]
+                    ) -> list[tuple[tuple[str, str], list[dict[str, Any]]]]:
+    """Each cell and its rows, in the tables' order: by scenario, then strategy."""
+    return sorted(_by_cell(rows).items(), key=lambda k: (_scenario_order(k[0][0]), k[0][1]))
 
 
 def _scenario_order(name: str) -> tuple[int, int, str]:
@@ -231,14 +243,10 @@ def format_p95_shares(rows: list[dict[str, Any]]) -> str:
     WARMUP_S on (means over repeats), each backend's share of the successes and
     its share of the attempts from WARMUP_S on (over all repeats), which is what
     `bench mixed` judges live."""
-    by_cell: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        by_cell.setdefault((row["scenario"], row["strategy"]), []).append(row)
     warm = f">{WARMUP_S:g}s"
     lines = [f"{'scenario':<14}{'strategy':<13}{'err':>7}{'p95':>10}{'p95' + warm:>10}  "
              f"shares of the successes | of the attempts from {WARMUP_S:g} s on"]
-    for (scenario, strategy), cell in sorted(by_cell.items(),
-                                             key=lambda k: (_scenario_order(k[0][0]), k[0][1])):
+    for (scenario, strategy), cell in _cells_in_order(rows):
         p95 = statistics.fmean(r.get("p95_ms", math.nan) for r in cell)
         p95_warm = _mean_or_nan(r.get("p95_after_warmup_ms") for r in cell)
         lines.append(f"{scenario:<14}{strategy:<13}"
@@ -311,20 +319,20 @@ def format_convergence(rows: list[dict[str, Any]]) -> str:
     repeat's `convergence`, combined (the mean of the means, the lowest, the
     highest, the mean change, the last third's mean, how many repeats settled).
     Empty when no row has windows (live rows)."""
-    by_cell: dict[tuple[str, str], list[Convergence]] = {}
-    for row in rows:
-        course = convergence(first_share_per_window(row))
-        if course is not None:
-            by_cell.setdefault((row["scenario"], row["strategy"]), []).append(course)
-    if not by_cell:
+    cells = []
+    for key, cell in _cells_in_order(rows):
+        courses = [c for c in map(convergence, map(first_share_per_window, cell))
+                   if c is not None]
+        if courses:
+            cells.append((key, courses))
+    if not cells:
         return ""
     lines = [f"the first backend's share of the attempts per {WINDOW_S:g} s from "
              f"{WARMUP_S:g} s on; settled: the last third within "
              f"±{SETTLED_BAND * 100:g} points of its mean",
              f"{'scenario':<14}{'strategy':<13}{'mean':>7}{'min':>7}{'max':>7}"
              f"{'change':>8}{'last third':>12}  settled"]
-    for (scenario, strategy), courses in sorted(
-            by_cell.items(), key=lambda k: (_scenario_order(k[0][0]), k[0][1])):
+    for (scenario, strategy), courses in cells:
         judged = [c.settled for c in courses if c.settled is not None]
         lines.append(
             f"{scenario:<14}{strategy:<13}"
