@@ -152,9 +152,17 @@ def child_exit(server, worker):
 def worker_exit(server, worker):
     # Stop the health checker before the interpreter shuts down its executors:
     # a round started after that would fail with a traceback on every exit.
-    checker = getattr(worker.wsgi, "extensions", {}).get("lb.health")
+    extensions = getattr(worker.wsgi, "extensions", {})
+    checker = extensions.get("lb.health")
     if checker is not None:
         checker.stop()
+    # Reports still queued (scorer/traffic.py) go to the pool before the worker goes.
+    forwarder = extensions.get("lb.forwarder")
+    if forwarder is not None:
+        try:
+            forwarder.pool.flush_reports()
+        except Exception:
+            worker.log.exception("could not send the last reports")
 
 
 def pre_request(worker, req):

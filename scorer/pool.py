@@ -35,14 +35,17 @@ class Pool:
                  redis_factory: Callable[[], Redis] | None = None,
                  clock: Callable[[], float] = time.time, *,
                  degrade: bool = True, marker_dir: str | None = None,
-                 state_file: StateFile | None = None) -> None:
+                 state_file: StateFile | None = None, report_sender: bool = True) -> None:
         self.settings = settings
         self.store = Store(redis_factory or (lambda: connect(settings)),
                            {name: load_lua(name) for name in SCRIPTS},
                            degrade=degrade, retry_s=settings.redis_retry_s,
                            marker_dir=marker_dir, connections=settings.redis_connections)
         self.membership = Membership(settings, self.store, state_file)
-        self.traffic = Traffic(settings, self.store, self.membership, clock)
+        # report_sender=False: queued reports wait for the next pick or `flush_reports`
+        # (tests that must know when a report lands).
+        self.traffic = Traffic(settings, self.store, self.membership, clock,
+                               sender=report_sender)
         self.view = Status(settings, self.store, self.membership)
 
     # --- membership ---------------------------------------------------------------
@@ -81,6 +84,16 @@ class Pool:
     def report(self, outcome: Outcome, check: bool = False) -> tuple[float, int]:
         """Score one outcome: the new score and a new block's turns (see Traffic.report)."""
         return self.traffic.report(outcome, check)
+
+    def report_later(self, outcome: Outcome,
+                     done: Callable[[tuple[float, int]], None] | None = None) -> None:
+        """Queue an outcome to be scored ahead of the next pick, or soon after, off the
+        answer's path; `done` hears (score, turns) (see Traffic.report_later)."""
+        self.traffic.report_later(outcome, done)
+
+    def flush_reports(self) -> None:
+        """Send every queued report now."""
+        self.traffic.flush()
 
     def hold_checker(self, owner: str, ttl_s: float) -> bool:
         """Take or renew the pool's health-checker lock; whether `owner` holds it."""

@@ -31,6 +31,9 @@ from redis.exceptions import NoScriptError
 
 log = logging.getLogger("lb.store")
 
+# One script call: the script's name, its KEYS and its ARGV.
+Call = tuple[str, Sequence[str], Sequence[Any]]
+
 # Written to check that Redis accepts writes again after an outage.
 PROBE_KEY = "lb:probe"
 
@@ -156,42 +159,63 @@ class Store:
 
     def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run script `name` on Redis, or on the in-process state while degraded."""
+        reply = self.run_many([(name, keys, args)])[0]
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+        return reply
+
+    def run_many(self, calls: Sequence[Call]) -> list[Any]:
+        """Run several scripts in order, each atomic on its own, in one round trip
+        (pipelined on one connection; one by one on Redis Cluster, whose client routes
+        each call). Each reply is returned in its place, a script's own error as the
+        `redis.ResponseError` it raised, so that one failed call costs the others nothing.
+        """
         client = self.redis
-        script = self._scripts[name]
         if not self.degraded:
             try:
                 if isinstance(client, redis.cluster.RedisCluster):
-                    return script(keys=keys, args=args, client=client)
-                return self._evalsha(client, script, keys, args)
+                    return [_replied(lambda c=call: self._scripts[c[0]](
+                        keys=c[1], args=c[2], client=client)) for call in calls]
+                with self._lender.lend() as conn:
+                    return self._evalsha_on(conn, calls)
             except redis.RedisError as exc:
                 if not self._degrade:
                     raise
                 self._enter_degraded(exc)
-        return script(keys=keys, args=args, client=self._local_client())
+        local = self._local_client()
+        return [_replied(lambda c=call: self._scripts[c[0]](keys=c[1], args=c[2], client=local))
+                for call in calls]
 
-    def _evalsha(self, client: redis.Redis, script: Script, keys: Sequence[str],
-                 args: Sequence[Any]) -> Any:
-        """EVALSHA on a lent connection; the script is loaded if Redis lacks it."""
-        with self._lender.lend() as conn:
-            return self._evalsha_on(conn, script, keys, args)
-
-    @staticmethod
-    def _evalsha_on(conn: redis.Connection, script: Script, keys: Sequence[str],
-                    args: Sequence[Any]) -> Any:
+    def _evalsha_on(self, conn: redis.Connection, calls: Sequence[Call]) -> list[Any]:
+        """EVALSHA each call on `conn`, all sent before any reply is read; a script
+        Redis lacks (restarted or flushed) is loaded and its calls sent again, in order
+        (a NOSCRIPT reply means the call did not run)."""
         try:
-            try:
-                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                return conn.read_response()
-            except NoScriptError:  # a restarted or flushed Redis
-                conn.send_command("SCRIPT", "LOAD", script.script)
-                conn.read_response()
-                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                return conn.read_response()
-        except redis.ResponseError:
-            raise  # the script's own error: the connection is fine
+            replies = self._send_and_read(conn, calls)
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:
+                for name in dict.fromkeys(calls[i][0] for i in missing):
+                    conn.send_command("SCRIPT", "LOAD", self._scripts[name].script)
+                    conn.read_response()
+                again = self._send_and_read(conn, [calls[i] for i in missing])
+                for i, reply in zip(missing, again):
+                    replies[i] = reply
+            return replies
         except BaseException:
             conn.disconnect()  # a reply may still be on its way: never read it as the next one
             raise
+
+    def _send_and_read(self, conn: redis.Connection, calls: Sequence[Call]) -> list[Any]:
+        conn.send_packed_command(conn.pack_commands(
+            [("EVALSHA", self._scripts[name].sha, len(keys), *keys, *args)
+             for name, keys, args in calls]))
+        replies: list[Any] = []
+        for _ in calls:
+            try:
+                replies.append(conn.read_response())
+            except redis.ResponseError as exc:  # the script's own error: the connection is fine
+                replies.append(exc)
+        return replies
 
     def problem(self) -> str | None:
         """None when Redis answers now, else what is wrong, in words (see `describe`)."""
@@ -254,6 +278,14 @@ class Store:
                 marker.unlink(missing_ok=True)
         except OSError as exc:
             log.warning("cannot update %s: %s", marker, exc)
+
+
+def _replied(call: Callable[[], Any]) -> Any:
+    """The call's reply, or the script error it raised (see Store.run_many)."""
+    try:
+        return call()
+    except redis.ResponseError as exc:
+        return exc
 
 
 def describe(exc: BaseException) -> str:

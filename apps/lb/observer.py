@@ -56,21 +56,25 @@ class Observer:
             metrics.ATTEMPTS.labels(backend.id, "client").inc()
 
     def report(self, outcome: Outcome) -> None:
-        """Count an attempt's result and tell the pool; a block it starts is logged."""
+        """Count an attempt's result and queue it for the pool (sent after the answer,
+        or ahead of the next pick); a block it starts is logged when the verdict comes."""
         backend = outcome.backend.id
         result = f"{outcome.status // 100}xx" if outcome.status else outcome.kind
         metrics.ATTEMPTS.labels(backend, result).inc()
         if outcome.status:
             metrics.LATENCY.labels(backend).observe(outcome.latency_s)
+
+        def verdict(reply: tuple[float, int]) -> None:
+            score, turns = reply
+            if turns:
+                metrics.BLOCKS.labels(backend).inc()
+                log.warning("blocked %s for %d turns at score %.1f (why: GET /status)",
+                            backend, turns, score)
+
         try:
-            score, turns = self.pool.report(outcome)
+            self.pool.report_later(outcome, verdict)
         except Exception:  # bookkeeping must never cost the client its answer
             log.exception("report failed")
-            return
-        if turns:
-            metrics.BLOCKS.labels(backend).inc()
-            log.warning("blocked %s for %d turns at score %.1f (why: GET /status)",
-                        outcome.backend.id, turns, score)
 
     def retrying(self, req: Request, backend: Backend, failure: Failure) -> None:
         metrics.RETRIES.inc()
