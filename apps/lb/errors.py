@@ -1,16 +1,24 @@
 """JSON error bodies shared by every app: a client always gets JSON, never HTML."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from flask import Flask, Response, json
+from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
+
+
+def error_body(status: int, message: str, **extra: Any) -> bytes:
+    """`{"error": message, "status": status, ...}` and a newline, as bytes (keys sorted,
+    ASCII only, as Flask's own JSON has them)."""
+    return (json.dumps({"error": message, "status": status, **extra}, sort_keys=True)
+            + "\n").encode()
 
 
 def json_error(status: int, message: str, **extra: Any) -> Response:
     """A JSON error response: `{"error": message, "status": status, ...}`."""
-    body = json.dumps({"error": message, "status": status, **extra})
-    return Response(body + "\n", status=status, mimetype="application/json")
+    return Response(error_body(status, message, **extra), status=status,
+                    mimetype="application/json")
 
 
 def register_json_errors(app: Flask, **extra: Any) -> None:

@@ -15,8 +15,6 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable
 
-from flask import Request, Response
-
 from apps.lb import metrics
 from apps.lb.exchange import BROKEN, CLIENT, FAILED
 from apps.lb.upstream import UpstreamError
@@ -24,6 +22,7 @@ from scorer.pool import Outcome, Pool
 from apps.config import Backend
 
 if TYPE_CHECKING:
+    from apps.lb.frontend import Incoming
     from apps.lb.proxy import Failure
 
 # The proxy's log lines, under the logger they always had.
@@ -39,7 +38,7 @@ class Observer:
         self.access = access
         self.clock = clock
 
-    def attempt_ended(self, how: str, req: Request, backend: Backend,
+    def attempt_ended(self, how: str, req: Incoming, backend: Backend,
                       outcome: Outcome | None, error: UpstreamError | None) -> None:
         """One attempt is over (`how`: exchange.ANSWERED, FAILED, BROKEN, CLIENT or
         ABORTED); `outcome` is reported to the pool unless None. An attempt the
@@ -76,7 +75,7 @@ class Observer:
         except Exception:  # bookkeeping must never cost the client its answer
             log.exception("report failed")
 
-    def retrying(self, req: Request, backend: Backend, failure: Failure) -> None:
+    def retrying(self, req: Incoming, backend: Backend, failure: Failure) -> None:
         metrics.RETRIES.inc()
         log.info("retrying %s %s on %s after %s from %s", req.method, req.path,
                  backend.id, failure.describe(), failure.backend.id)
@@ -85,22 +84,20 @@ class Observer:
         """The pick raised: the store degrades by itself, so this is a bug, not an outage."""
         log.exception("pick failed")
 
-    def answered(self, req: Request, response: Response, request_id: str, started: float,
-                 attempts: int) -> None:
+    def answered(self, req: Incoming, status: int, upstream: str | None) -> None:
         """A request is answered: count it, and write its access-log line."""
-        metrics.REQUESTS.labels(response.headers.get("X-Upstream", "none"),
-                                f"{response.status_code // 100}xx").inc()
+        metrics.REQUESTS.labels(upstream or "none", f"{status // 100}xx").inc()
         if self.access is None:
             return
         self.access.info(json.dumps({
             "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "request_id": request_id, "client": req.remote_addr,
+            "request_id": req.request_id, "client": req.remote_addr,
             "method": req.method,
-            "path": req.environ.get("RAW_URI") or req.full_path,
-            "status": response.status_code,
-            "backend": response.headers.get("X-Upstream"),
-            "latency_ms": round((self.clock() - started) * 1000, 3),
-            "attempts": attempts,
+            "path": req.target,
+            "status": status,
+            "backend": upstream,
+            "latency_ms": round((self.clock() - req.started) * 1000, 3),
+            "attempts": req.attempts,
         }, separators=(",", ":")))
 
 

@@ -15,18 +15,21 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from dataclasses import dataclass
 
-from flask import Flask, Request, Response, g, request
+from flask import Flask
+from werkzeug.exceptions import HTTPException
 
 from apps.lb.addresses import AddressPolicy
 from apps.lb.body import RequestBody
-from apps.lb.errors import json_error, register_json_errors
+from apps.lb.errors import register_json_errors
 from apps.lb.exchange import Exchange
 from apps.lb.forwarded import hop_of
-from apps.lb.frontend import SOURCE, ProxyFlask, refusal, relayed, request_id_of
+from apps.lb.frontend import (
+    SOURCE, Incoming, Outgoing, ProxyFlask, http_error_answer, json_answer, refusal, relayed,
+)
 from apps.lb.headers import request_target, upstream_request_headers
 from apps.lb.health import HealthChecker
 from apps.lb.logs import log_through_gunicorn
@@ -48,14 +51,14 @@ class Failure:
 
     backend: Backend
     error: UpstreamError | None = None
-    response: Response | None = None
+    response: Outgoing | None = None
 
     @property
     def delivered(self) -> bool:
         return self.error.delivered if self.error else True
 
     def describe(self) -> str:
-        return str(self.error) if self.error else f"status {self.response.status_code}"
+        return str(self.error) if self.error else f"status {self.response.status}"
 
 
 
@@ -74,7 +77,7 @@ class Forwarder:
         self.clock = clock
         self.exchange = Exchange(settings, upstreams, clock)
 
-    def handle(self, req: Request, request_id: str = "") -> Response:
+    def handle(self, req: Incoming) -> Outgoing:
         refused = refusal(req)
         if refused is not None:
             return refused
@@ -84,14 +87,14 @@ class Forwarder:
         body = RequestBody.read(req.environ, settings.max_body, settings.retry_buffer,
                                 buffering=settings.request_buffering)
         try:
-            return self.forward(req, body, request_id)
+            return self.forward(req, body)
         finally:
             body.close()  # every attempt has sent the body by now (or failed)
 
-    def forward(self, req: Request, body: RequestBody, request_id: str) -> Response:
+    def forward(self, req: Incoming, body: RequestBody) -> Outgoing:
         """Attempts and retries, within the retry budget and the request's deadline."""
         settings = self.settings
-        target = request_target(req.environ.get("RAW_URI") or req.full_path)
+        target = request_target(req.target)
         deadline = self.clock() + settings.request_timeout
         tried: list[Backend] = []
         failure: Failure | None = None
@@ -109,9 +112,9 @@ class Forwarder:
             if failure:
                 self.observer.retrying(req, backend, failure)
             tried.append(backend)
-            g.attempts = len(tried)
-            result = self.attempt(req, backend, target, body, remaining, request_id)
-            if isinstance(result, Response):
+            req.attempts = len(tried)
+            result = self.attempt(req, backend, target, body, remaining)
+            if isinstance(result, Outgoing):
                 return result
             failure = result
             if not may_retry(req.method, delivered=failure.delivered,
@@ -124,8 +127,8 @@ class Forwarder:
         """Pick a backend and take one of this worker's in-flight slots on it."""
         return choose_backend(self.pool.pick, self.inflight, tried)
 
-    def attempt(self, req: Request, backend: Backend, target: str, body: RequestBody,
-                remaining: float, request_id: str = "") -> Response | Failure:
+    def attempt(self, req: Incoming, backend: Backend, target: str, body: RequestBody,
+                remaining: float) -> Outgoing | Failure:
         """One try on one backend, whose in-flight slot `choose` took: its answer, or
         a Failure to retry or relay. The slot is given back when the attempt ends,
         whichever way (for a relayed body, when the relay ends)."""
@@ -135,7 +138,7 @@ class Forwarder:
             self.observer.attempt_ended(how, req, backend, outcome, error)
 
         try:
-            headers = self.request_headers(req, backend, body, request_id)
+            headers = self.request_headers(req, backend, body)
         except BaseException:  # nothing was sent: only the slot to give back
             self.inflight.release(backend)
             raise
@@ -147,32 +150,30 @@ class Forwarder:
         response = relayed(backend, answer)
         return Failure(backend, response=response) if answer.retryable else response
 
-    def request_headers(self, req: Request, backend: Backend, body: RequestBody,
-                        request_id: str) -> dict[str, str]:
+    def request_headers(self, req: Incoming, backend: Backend,
+                        body: RequestBody) -> dict[str, str]:
         headers = upstream_request_headers(
-            req.headers.items(), backend=backend,
+            req.headers, backend=backend,
             hop=hop_of(req.environ, self.settings.trusted_proxies),
             preserve_host=self.settings.preserve_host)
-        if request_id:
-            headers["X-Request-ID"] = request_id
+        if req.request_id:
+            headers["X-Request-ID"] = req.request_id
         length = body.content_length()
         headers.pop("Content-Length", None)
         if length is not None:
             headers["Content-Length"] = str(length)
         return headers
 
-    def give_up(self, req: Request, failure: Failure | None, attempts: int) -> Response:
+    def give_up(self, req: Incoming, failure: Failure | None, attempts: int) -> Outgoing:
         """The answer when no attempt succeeded: the last backend's, or the balancer's."""
         if failure is None:
-            return json_error(503, "no backend could be tried", source=SOURCE)
+            return json_answer(503, "no backend could be tried", source=SOURCE)
         if failure.response is not None:
             return failure.response
         err = failure.error
         status = 504 if err.kind == TIMEOUT else 502
-        response = json_error(status, f"upstream {failure.backend.id}: {err}", source=SOURCE,
-                              upstream=failure.backend.id, kind=err.kind, attempts=attempts)
-        response.headers["X-Upstream"] = failure.backend.id
-        return response
+        return json_answer(status, f"upstream {failure.backend.id}: {err}", source=SOURCE,
+                           upstream=failure.backend.id, kind=err.kind, attempts=attempts)
 
 
 def create_app(config: Mapping[str, Any] | None = None, *, pool: Pool | None = None,
@@ -205,20 +206,16 @@ def create_app(config: Mapping[str, Any] | None = None, *, pool: Pool | None = N
         checker.start()
         app.extensions["lb.health"] = checker
 
-    @app.before_request
-    def start() -> None:
-        g.started = clock()
-        g.attempts = 0
-        g.request_id = request_id_of(request.headers.get("X-Request-ID"))
+    def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """One request, in plain WSGI (apps/lb/frontend.py): forwarded, or refused."""
+        req = Incoming(environ, clock())
+        try:
+            answer = forwarder.handle(req)
+        except HTTPException as exc:  # the client's body: too large, broken off, too slow
+            answer = http_error_answer(exc)
+        answer.headers.append(("X-Request-ID", req.request_id))
+        observer.answered(req, answer.status, answer.upstream)
+        return answer(environ, start_response)
 
-    @app.endpoint("forward")
-    def forward() -> Response:
-        return forwarder.handle(request, g.request_id)
-
-    @app.after_request
-    def finish(response: Response) -> Response:
-        response.headers["X-Request-ID"] = g.request_id
-        observer.answered(request, response, g.request_id, g.started, g.attempts)
-        return response
-
+    app.serve = serve
     return app
