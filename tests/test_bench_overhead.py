@@ -1,6 +1,7 @@
 """The overhead benchmark (bench/overhead/): its pieces offline, then one short real run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -43,11 +44,22 @@ def test_ratios_use_medians_and_judge_each_target():
     value, met = found["throughput, scored-wide / scored"]
     assert value == pytest.approx(0.95) and met
     assert found["client headroom, direct / scored throughput"] == (45, True)
+    value, met = found["throughput, scored / ceiling"]
+    assert value == pytest.approx(2000 / 9000) and not met  # the median ceiling
+    value, met = found["CPU ms/request, scored and its Redis"]
+    assert value == pytest.approx(0.40) and met  # these samples measured no Redis
+
+
+def test_the_cpu_target_counts_the_balancers_redis_too():
+    with_redis = dataclasses.replace(sample(2000, 0.40), redis_ms_per_req=0.08)
+    found = {what: (value, met) for what, value, _, met in ratios(rows(scored=[with_redis]))}
+    value, met = found["CPU ms/request, scored and its Redis"]
+    assert value == pytest.approx(0.48) and not met
 
 
 def test_ratios_skip_comparisons_whose_rows_did_not_run():
     found = [what for what, *_ in ratios(rows(scored=[sample(2000, 0.4)]))]
-    assert found == []
+    assert found == ["CPU ms/request, scored and its Redis"]  # a target, not a comparison
 
 
 def test_profile_samples_go_to_the_innermost_known_layer():
@@ -99,3 +111,27 @@ def test_a_short_run_measures_every_row_and_saves_its_report(tmp_path):
     assert scored["requests"] > 0 and scored["errors"] == 0 and scored["non_2xx"] == 0
     assert scored["cpu_ms_per_req"] > 0 and scored["redis_ms_per_req"] > 0
     assert report["rows"]["ceiling"][0]["cpu_ms_per_req"] > 0
+
+
+@pytest.mark.e2e
+@needs_cc
+def test_the_paced_row_measures_the_balancer_and_nginx_beside_it(tmp_path):
+    before = set((ROOT / "bench" / "results").glob("overhead-*.json"))
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "overhead", "--rounds", "1", "--duration", "1",
+         "--c1-duration", "1", "--client", "loadgen", "--only", "paced", "--wide", "0",
+         "--paced-duration", "2", "--paced-rounds", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    saved = set((ROOT / "bench" / "results").glob("overhead-*.json")) - before
+    paced = json.loads(saved.pop().read_text())["paced"]
+    fronts = ["balancer", "nginx"] if shutil.which("nginx") else ["balancer"]
+    assert list(paced["runs"]) == fronts
+    for front in fronts:
+        (run,) = paced["runs"][front]
+        # 150/s for the second after the first: about 150 answers, all of them 200s
+        assert run["answers"] >= 100 and run["errors"] == 0
+        assert 0 < run["p50_ms"] <= run["p95_ms"]
+        assert f"  {front:<9} p50 " in done.stdout
+    if "nginx" in fronts:
+        assert [t["what"][:9] for t in paced["targets"]] == ["paced p50", "paced p95"]

@@ -13,7 +13,10 @@ run, under the same Gunicorn settings (gunicorn_conf.py), it measures:
     scored-wide  the balancer, scored, --wide backends (20)
     nginx        nginx doing round robin over the 3 backends, when `nginx` is on PATH
 
-For each: throughput at --connections, p50 and p99 there, p50 at concurrency 1,
+    paced        the latency added at 150 requests a second in front of Python
+                 backends of 5 ms, beside nginx (paced.py; --paced-duration 0 skips it)
+
+For each of the others: throughput at --connections, p50 and p99 there, p50 at concurrency 1,
 and the CPU milliseconds per request of its serving processes, read from
 /proc (all processes in its process group: Gunicorn's master and workers, or
 nginx's). The balancer's Redis is counted apart. Rows are measured in turn,
@@ -37,6 +40,7 @@ import time
 from pathlib import Path
 
 from bench import loadgen
+from bench.overhead import paced
 from bench.overhead.measuring import drive, measure
 from bench.overhead.profiling import breakdown, profile
 from bench.overhead.reporting import RESULTS, report
@@ -67,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile the scored row's workers with py-spy: time by "
                              "layer, and a flame graph in bench/results/")
+    paced.add_arguments(parser)
 
 
 
@@ -103,6 +108,14 @@ def run(args: argparse.Namespace) -> int:
         scored = next((r for r in rows if r.name == "scored"), None)
         if args.profile and scored is not None:
             summary["profile"] = dict(profile(scored, load, args.connections, args.duration))
+        wanted = set(filter(None, args.only.split(",")))
+        if args.paced_duration > 0 and (not wanted or "paced" in wanted):
+            for row in rows:  # the throughput rows' servers would share the cores
+                for proc in row.procs:
+                    if proc is not redis_proc:
+                        proc.stop()
+            print()
+            summary["paced"] = paced.run_paced(args, run_dir, redis_url, workers, procs.append)
     finally:
         for proc in reversed(procs):
             proc.stop()
