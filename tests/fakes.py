@@ -2,7 +2,7 @@
 
 They stand in for `Upstreams` and nothing more: the same `send`, the same exceptions
 (an UpstreamError of the kind and `delivered` the real one raises for that fault),
-a real urllib3 response for an answer; a slow one moves a fake clock instead of
+a real urllib3 response for an answer (the interface of upstream.Response); a slow one moves a fake clock instead of
 sleeping.
 """
 from __future__ import annotations

@@ -18,12 +18,11 @@ import threading
 from collections import deque
 from typing import IO, Callable, Iterator
 
-import urllib3
 from urllib3.exceptions import HTTPError
 
 from apps.lb.body import let_others_run
 from apps.lb.relay import Ending
-from apps.lb.upstream import STREAM_CHUNK, UpstreamError, classify
+from apps.lb.upstream import STREAM_CHUNK, Response, UpstreamError, classify
 from apps.lb.policy import BROKEN
 
 
@@ -37,7 +36,7 @@ class BufferedBody:
     off, has its connection reset after the part that came.
     """
 
-    def __init__(self, response: urllib3.BaseHTTPResponse, start: tuple[bytes, Iterator[bytes]],
+    def __init__(self, response: Response, start: tuple[bytes, Iterator[bytes]],
                  on_end: Callable[[UpstreamError | None, bool], None], *,
                  memory: int, disk: int) -> None:
         first, self._rest = start

@@ -13,6 +13,7 @@ has sent its last byte, broken off, or the client has left).
 from __future__ import annotations
 
 import time
+from http.client import HTTPMessage
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -21,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 
 from apps.lb.buffered import BufferedBody
 from apps.lb.relay import BodyStream, start_stream
-from apps.lb.upstream import STREAM_CHUNK, UpstreamError, Upstreams, read_capped
+from apps.lb.upstream import STREAM_CHUNK, Response, UpstreamError, Upstreams, read_capped
 from scorer.pool import Outcome
 from apps.config import Backend, Settings
 
@@ -49,7 +50,7 @@ class Answer:
     LB_RETRY_ON_STATUS."""
 
     status: int
-    headers: urllib3.HTTPHeaderDict
+    headers: HTTPMessage  # repeated headers kept, in order
     body: bytes | BodyStream | BufferedBody | None
     latency: float
     retryable: bool
@@ -103,7 +104,7 @@ class Exchange:
             on_end(ANSWERED, backend, Outcome(backend, latency, status=status), None)
         return Answer(status, upstream.headers, content, latency, retryable)
 
-    def _body(self, backend: Backend, method: str, upstream: urllib3.BaseHTTPResponse,
+    def _body(self, backend: Backend, method: str, upstream: Response,
               status: int, retryable: bool, latency: float,
               on_end: OnEnd) -> bytes | BodyStream | BufferedBody | None:
         """The answer's body read whole, or its relay, which ends the attempt itself."""

@@ -170,7 +170,7 @@ def relayed(backend: Backend, answer: Answer) -> Outgoing:
     if answer.body is None:  # a retryable answer too large to keep
         return json_answer(502, f"upstream {backend.id} answered {answer.status}",
                            source=SOURCE, upstream=backend.id)
-    headers = client_response_headers(answer.headers.iteritems())
+    headers = client_response_headers(answer.headers.items())
     return Outgoing(answer.status, headers, answer.body, backend.id)
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import errno
 from typing import Callable, Iterator
 
-import urllib3
 from urllib3.exceptions import HTTPError
 
-from apps.lb.upstream import STREAM_CHUNK, UpstreamError, classify, discard
+from apps.lb.upstream import STREAM_CHUNK, Response, UpstreamError, classify, discard
 
 
-def start_stream(response: urllib3.BaseHTTPResponse) -> tuple[bytes, Iterator[bytes]]:
+def start_stream(response: Response) -> tuple[bytes, Iterator[bytes]]:
     """The first piece of a body to be streamed, and the iterator for the rest.
 
     Reading the first piece before answering means a backend that fails right
@@ -40,7 +39,7 @@ class BodyStream:
     backend's.
     """
 
-    def __init__(self, response: urllib3.BaseHTTPResponse,
+    def __init__(self, response: Response,
                  start: tuple[bytes, Iterator[bytes]],
                  on_end: Callable[[UpstreamError | None, bool], None]) -> None:
         self._first, self._rest = start
@@ -67,7 +66,7 @@ class Ending:
     """Ends the relay of an answer exactly once: frees its connection (dropping what
     is left of a body that did not end whole) and calls `on_end(error, complete)`."""
 
-    def __init__(self, response: urllib3.BaseHTTPResponse,
+    def __init__(self, response: Response,
                  on_end: Callable[[UpstreamError | None, bool], None]) -> None:
         self._response, self._on_end = response, on_end
         self._ended = False

@@ -3,6 +3,7 @@ work by layer (py-spy)."""
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -98,7 +99,8 @@ def profile(row: Row, load: Callable, connections: int, duration: float) -> list
     import subprocess
     import threading
 
-    spy = shutil.which("py-spy")
+    # requirements.txt installs it beside this Python, which need not be on PATH.
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
         raise RuntimeError("--profile needs py-spy (pip install py-spy)")
     raw = Path(tempfile.mkdtemp(prefix="lb-profile-")) / "raw.txt"
