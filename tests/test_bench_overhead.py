@@ -89,24 +89,29 @@ def test_group_cpu_counts_a_busy_process_group():
         busy.wait()
 
 
-@pytest.mark.e2e
-@needs_cc
-def test_a_short_run_measures_every_row_and_saves_its_report(tmp_path):
+def run_overhead(*args: str, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
+    """One short `python -m bench overhead` with loadgen: its output and saved report."""
     before = set((ROOT / "bench" / "results").glob("overhead-*.json"))
     done = subprocess.run(
         [sys.executable, "-m", "bench", "overhead", "--rounds", "1", "--duration", "1",
-         "--c1-duration", "1", "--client", "loadgen", "--only", "ceiling,direct,scored",
-         "--wide", "0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=110)
+         "--c1-duration", "1", "--client", "loadgen", "--wide", "0", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout + done.stderr
+    saved = set((ROOT / "bench" / "results").glob("overhead-*.json")) - before
+    assert len(saved) == 1
+    return done, json.loads(saved.pop().read_text())
+
+
+@pytest.mark.e2e
+@needs_cc
+def test_a_short_run_measures_every_row_and_saves_its_report(tmp_path):
+    done, report = run_overhead("--only", "ceiling,direct,scored", "--paced-duration", "0",
+                                timeout=110)
     out = done.stdout
     assert "client: loadgen" in out
     for row in ("ceiling", "direct", "scored"):
         assert f"\n{row} " in out
     assert "CPU/request, scored / ceiling" in out and "upstream request and answer" in out
-    saved = set((ROOT / "bench" / "results").glob("overhead-*.json")) - before
-    assert len(saved) == 1
-    report = json.loads(saved.pop().read_text())
     scored = report["rows"]["scored"][0]
     assert scored["requests"] > 0 and scored["errors"] == 0 and scored["non_2xx"] == 0
     assert scored["cpu_ms_per_req"] > 0 and scored["redis_ms_per_req"] > 0
@@ -116,15 +121,9 @@ def test_a_short_run_measures_every_row_and_saves_its_report(tmp_path):
 @pytest.mark.e2e
 @needs_cc
 def test_the_paced_row_measures_the_balancer_and_nginx_beside_it(tmp_path):
-    before = set((ROOT / "bench" / "results").glob("overhead-*.json"))
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "overhead", "--rounds", "1", "--duration", "1",
-         "--c1-duration", "1", "--client", "loadgen", "--only", "paced", "--wide", "0",
-         "--paced-duration", "2", "--paced-rounds", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    saved = set((ROOT / "bench" / "results").glob("overhead-*.json")) - before
-    paced = json.loads(saved.pop().read_text())["paced"]
+    done, report = run_overhead("--only", "paced", "--paced-duration", "2", "--paced-rounds",
+                                "1", timeout=120)
+    paced = report["paced"]
     fronts = ["balancer", "nginx"] if shutil.which("nginx") else ["balancer"]
     assert list(paced["runs"]) == fronts
     for front in fronts:
