@@ -98,10 +98,6 @@ class Outgoing:
         if upstream is not None:
             headers.append(("X-Upstream", upstream))
 
-    def header(self, name: str) -> str | None:
-        lower = name.lower()
-        return next((v for k, v in self.headers if k.lower() == lower), None)
-
     def __call__(self, environ: dict[str, Any],
                  start_response: Callable[..., Any]) -> Iterable[bytes]:
         """Start the WSGI response and return its body, with the rules Werkzeug's
